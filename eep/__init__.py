@@ -1,0 +1,1 @@
+"""eep: prune and merge MoE experts."""

@@ -1,0 +1,89 @@
+"""Tiny random MoE models of every supported family, for tests and CPU benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV3Config,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+TINY_FAMILIES: tuple[str, ...] = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+)
+
+_COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    num_experts_per_tok=2,
+    # A wide init so routing is far from uniform and top-k choices differ between tokens.
+    initializer_range=0.2,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(family: str, num_experts: int = 8, num_layers: int = 3, **overrides) -> PretrainedConfig:
+    """A small config of `family` with `num_experts` routed experts per MoE layer."""
+    common = dict(_COMMON, num_hidden_layers=num_layers)
+    if family == "mixtral":
+        cfg = MixtralConfig(**common, num_local_experts=num_experts)
+    elif family == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            **common, num_experts=num_experts, moe_intermediate_size=48,
+            shared_expert_intermediate_size=64, norm_topk_prob=False,
+        )
+    elif family == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**common, num_experts=num_experts, moe_intermediate_size=48, norm_topk_prob=True, head_dim=16)
+    elif family == "olmoe":
+        cfg = OlmoeConfig(**common, num_experts=num_experts, norm_topk_prob=False)
+    elif family == "deepseek_v2":
+        cfg = DeepseekV2Config(
+            **common, n_routed_experts=num_experts, moe_intermediate_size=48, n_shared_experts=1,
+            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=16, topk_method="greedy", n_group=1, topk_group=1,
+        )
+    elif family == "deepseek_v3":
+        cfg = DeepseekV3Config(
+            **common, n_routed_experts=num_experts, moe_intermediate_size=48, n_shared_experts=1,
+            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1, norm_topk_prob=True,
+        )
+    else:
+        raise ValueError(f"no tiny config for {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
+    """A tiny random model of `family` in float32, eval mode, eager experts, seeded."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **config_overrides)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager")
+    _spread_router_biases(model)
+    return model.eval()
+
+
+def _spread_router_biases(model: torch.nn.Module) -> None:
+    # DeepSeek-V3's score-correction bias is zero at init; give it values so slicing it is tested.
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.linspace(-0.05, 0.05, buf.numel()))

@@ -1,0 +1,211 @@
+"""Surgery against independent computations written here, for every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eep.candidate import Candidate, CandidateError
+from eep.models.families import moe_layers
+from eep.models.surgery import Surgery
+from eep.models.testing import TINY_FAMILIES, tiny_model
+
+TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+SOFTMAX_FAMILIES = [f for f in TINY_FAMILIES if f != "deepseek_v3"]
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def merged_candidate(surgery: Surgery, keep: int, mapping: str = "probs", seed: int = 0) -> Candidate:
+    """Near-one-hot R and M with noise, as EEP's merging phase produces."""
+    g = torch.Generator().manual_seed(seed)
+    base = Candidate.random_pruning(surgery.num_layers, surgery.num_experts, keep, generator=g)
+    noise = lambda m: m + 0.1 * torch.randn(m.shape, generator=g)  # noqa: E731
+    return Candidate(
+        router_map=[noise(m) for m in base.router_map],
+        expert_merge=[noise(m) for m in base.expert_merge],
+        num_experts=surgery.num_experts,
+        router_mapping=mapping,
+    )
+
+
+def test_merged_weights_equal_loop_over_experts(family):
+    model = tiny_model(family)
+    originals = [
+        (l.experts.gate_up_proj.detach().clone(), l.experts.down_proj.detach().clone(), l.gate.weight.detach().clone())
+        for l in moe_layers(model)
+    ]
+    surgery = Surgery(model)
+    cand = merged_candidate(surgery, keep=4, mapping="logits")
+    surgery.apply(cand)
+    for layer, (gate_up, down, gate), m, r in zip(
+        surgery.layers, originals, cand.expert_merge, cand.router_map, strict=True
+    ):
+        assert layer.experts.gate_up_proj.shape[0] == 4  # really holds keep experts
+        assert layer.experts.down_proj.shape[0] == 4
+        for i in range(4):
+            want_gu = sum(m[i, j] * gate_up[j] for j in range(8))
+            want_down = sum(m[i, j] * down[j] for j in range(8))
+            torch.testing.assert_close(layer.experts.gate_up_proj[i], want_gu, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer.experts.down_proj[i], want_down, rtol=1e-5, atol=1e-6)
+            want_gate = sum(r[i, j] * gate[j] for j in range(8))
+            torch.testing.assert_close(layer.gate.weight[i], want_gate, rtol=1e-5, atol=1e-6)
+
+
+def _naive_block(block_orig_weights, x, R, M, top_k, renormalize, shared=None):
+    """EEP's probability mapping, one token and one expert at a time."""
+    gate_up, down, gate = block_orig_weights
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        p = torch.softmax((gate @ x[t]).float(), dim=0)
+        mapped = R @ p
+        if not renormalize:
+            mapped = mapped / mapped.sum()
+        w, idx = torch.topk(mapped, top_k)
+        if renormalize:
+            w = w / w.sum()
+        for weight, slot in zip(w.tolist(), idx.tolist(), strict=True):
+            gu = sum(M[slot, j] * gate_up[j] for j in range(gate_up.shape[0]))
+            dn = sum(M[slot, j] * down[j] for j in range(down.shape[0]))
+            g, u = (gu @ x[t]).chunk(2)
+            out[t] += weight * (dn @ (F.silu(g) * u))
+    if shared is not None:
+        out = out + shared(x)
+    return out
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_probability_mapping_matches_naive_block(family):
+    model = tiny_model(family)
+    layer = moe_layers(model)[1]
+    weights = (layer.experts.gate_up_proj.detach().clone(), layer.experts.down_proj.detach().clone(), layer.gate.weight.detach().clone())
+    shared = None
+    if family == "qwen2_moe":
+        block = layer.block
+        shared = lambda x: torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)  # noqa: E731
+    surgery = Surgery(model)
+    cand = merged_candidate(surgery, keep=4, mapping="probs", seed=3)
+    surgery.apply(cand)
+    x = torch.randn(10, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = layer.block(x[None])[0]
+        want = _naive_block(weights, x, cand.router_map[1], cand.expert_merge[1], 2, surgery.renormalize, shared)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _capture_routing(model):
+    """Record the expert indices every MoE layer's experts module receives."""
+    seen: list[torch.Tensor] = []
+    for layer in moe_layers(model):
+        layer.experts.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    return seen
+
+
+@pytest.mark.parametrize("family", SOFTMAX_FAMILIES)
+@pytest.mark.parametrize("mapping", ["probs", "logits"])
+def test_pruning_equals_masking_dropped_router_logits(family, mapping, monkeypatch):
+    """Pruning == the full model with the dropped experts' router logits at -inf.
+
+    Routing decisions are compared exactly; logits to float32 rounding, because a softmax over
+    4 values and one over 8 values with 4 at -inf sum in a different order (~3e-6 here).
+    """
+    kept = [[1, 3, 4, 6], [0, 2, 5, 7], [2, 3, 4, 5]]
+    reference = tiny_model(family)
+    gates = {l.gate.weight.data_ptr(): i for i, l in enumerate(moe_layers(reference))}
+    original_linear = F.linear
+
+    def masked_linear(x, w, b=None):
+        out = original_linear(x, w, b)
+        if w.data_ptr() in gates:
+            drop = torch.ones(out.shape[-1], dtype=torch.bool)
+            drop[kept[gates[w.data_ptr()]]] = False
+            out = out.masked_fill(drop, float("-inf"))
+        return out
+
+    want_routes = _capture_routing(reference)
+    monkeypatch.setattr(torch.nn.functional, "linear", masked_linear)
+    want = logits(reference)
+    monkeypatch.setattr(torch.nn.functional, "linear", original_linear)
+
+    model = tiny_model(family)
+    surgery = Surgery(model)
+    cand = Candidate.from_kept(kept[: surgery.num_layers], 8).with_meta(router_mapping=mapping)
+    surgery.apply(cand)
+    got_routes = _capture_routing(model)
+    got = logits(model)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert len(got_routes) == len(want_routes) == surgery.num_layers
+    for layer_kept, slots, experts in zip(kept, got_routes, want_routes, strict=False):
+        as_original = torch.tensor(layer_kept)[slots]
+        assert torch.equal(as_original.sort(dim=-1).values, experts.sort(dim=-1).values)
+
+
+@pytest.mark.parametrize("mapping", ["probs", "logits"])
+def test_apply_b_after_a_equals_fresh_b_and_restore(family, mapping):
+    model = tiny_model(family)
+    original = logits(model)
+    surgery = Surgery(model)
+    keep = 4
+    a = merged_candidate(surgery, keep=keep, mapping="logits", seed=1)
+    b = merged_candidate(surgery, keep=keep, mapping=mapping, seed=2)
+    if family == "deepseek_v3" and mapping == "probs":
+        b = b.with_meta(router_mapping="logits")
+    surgery.apply(a)
+    surgery.apply(Candidate.identity(surgery.num_layers, 8))  # another keep too
+    surgery.apply(b)
+    after_a = logits(model)
+
+    fresh = tiny_model(family)
+    Surgery(fresh).apply(b)
+    assert torch.equal(after_a, logits(fresh))
+    assert not torch.allclose(after_a, original)
+
+    surgery.restore()
+    assert torch.equal(logits(model), original)
+    assert moe_layers(model)[0].experts.gate_up_proj.shape[0] == 8
+
+
+def test_identity_candidate_changes_nothing(family):
+    model = tiny_model(family)
+    original = logits(model)
+    surgery = Surgery(model)
+    surgery.apply(Candidate.identity(surgery.num_layers, surgery.num_experts))
+    assert torch.equal(logits(model), original)
+
+
+def test_top_k_override_changes_routing():
+    model = tiny_model("mixtral")
+    surgery = Surgery(model)
+    cand = Candidate.from_kept([[0, 1, 2, 3]] * 3, 8, top_k=1)
+    surgery.apply(cand)
+    layer = surgery.layers[0]
+    _, weights, index = layer.block.gate(torch.randn(5, 64))
+    assert index.shape == (5, 1) and torch.allclose(weights, torch.ones_like(weights))
+    surgery.restore()
+    assert surgery.layers[0].gate.top_k == 2
+
+
+def test_errors_name_the_problem():
+    model = tiny_model("mixtral")
+    surgery = Surgery(model)
+    with pytest.raises(CandidateError, match="3 MoE layers|2 MoE layers"):
+        surgery.apply(Candidate.from_kept([[0, 1]] * 2, 8))
+    with pytest.raises(CandidateError, match="model has 8"):
+        surgery.apply(Candidate.from_kept([[0, 1]] * 3, 6))
+    with pytest.raises(CandidateError, match="smaller than the model's top_k=2"):
+        surgery.apply(Candidate.from_kept([[0]] * 3, 8))
+
+
+def test_deepseek_grouped_routing_refuses_bad_keep():
+    model = tiny_model("deepseek_v3")  # n_group = 2
+    surgery = Surgery(model)
+    with pytest.raises(CandidateError, match="multiple of n_group"):
+        surgery.apply(Candidate.from_kept([[0, 1, 2]] * surgery.num_layers, 8))
+    cand = merged_candidate(surgery, keep=4, mapping="probs")
+    with pytest.raises(CandidateError, match="sigmoid"):
+        surgery.apply(cand)
+    surgery.apply(Candidate.from_kept([[0, 1, 4, 5]] * surgery.num_layers, 8))
