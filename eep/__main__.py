@@ -1,0 +1,5 @@
+import sys
+
+from eep.cli import main
+
+sys.exit(main())
