@@ -36,8 +36,8 @@ def merged_candidate(surgery: Surgery, keep: int, mapping: str = "probs", seed: 
 def test_merged_weights_equal_loop_over_experts(family):
     model = tiny_model(family)
     originals = [
-        (l.experts.gate_up_proj.detach().clone(), l.experts.down_proj.detach().clone(), l.gate.weight.detach().clone())
-        for l in moe_layers(model)
+        (layer.experts.gate_up_proj.detach().clone(), layer.experts.down_proj.detach().clone(), layer.gate.weight.detach().clone())
+        for layer in moe_layers(model)
     ]
     surgery = Surgery(model)
     cand = merged_candidate(surgery, keep=4, mapping="logits")
@@ -115,7 +115,7 @@ def test_pruning_equals_masking_dropped_router_logits(family, mapping, monkeypat
     """
     kept = [[1, 3, 4, 6], [0, 2, 5, 7], [2, 3, 4, 5]]
     reference = tiny_model(family)
-    gates = {l.gate.weight.data_ptr(): i for i, l in enumerate(moe_layers(reference))}
+    gates = {layer.gate.weight.data_ptr(): i for i, layer in enumerate(moe_layers(reference))}
     original_linear = F.linear
 
     def masked_linear(x, w, b=None):

@@ -105,8 +105,14 @@ class Surgery:
             )
 
     @torch.no_grad()
-    def apply(self, candidate: Candidate) -> None:
-        """Make the model compute `candidate`: merged experts, mapped router, top-k."""
+    def apply(self, candidate: Candidate, release_originals: bool = False) -> None:
+        """Make the model compute `candidate`: merged experts, mapped router, top-k.
+
+        `release_originals` drops each layer's originals once merged (export: peak memory is
+        then the model plus one layer's merged experts, and the model cannot be restored).
+        """
+        if not self._originals:
+            raise RuntimeError("this Surgery released its originals; load the model again")
         self.check(candidate)
         top_k = candidate.top_k or self.top_k
         mapped = self._uses_mapped_router(candidate)
@@ -136,6 +142,12 @@ class Surgery:
                 layer.block.gate = gate
             if hasattr(layer.block, "top_k"):
                 layer.block.top_k = top_k
+            if release_originals:
+                # The model now holds the merged tensors; drop our references to the rest.
+                self._originals[i] = None  # type: ignore[call-overload]
+                self._working[i] = None
+        if release_originals:
+            self._originals = []
         set_num_experts(self.model.config, self.family, max(candidate.keep_per_layer))
         self.model.config.num_experts_per_tok = top_k
         self.candidate = candidate
@@ -164,12 +176,6 @@ class Surgery:
         set_num_experts(self.model.config, self.family, self.num_experts)
         self.model.config.num_experts_per_tok = self._config_top_k
         self.candidate = None
-
-    def release_originals(self) -> None:
-        """Drop the cached originals (export: the model is not needed unpruned any more)."""
-        if self.candidate is None:
-            raise RuntimeError("release_originals() before apply() would lose the model")
-        self._originals = []
 
     # ------------------------------------------------------------------------- internals
     def _uses_mapped_router(self, candidate: Candidate) -> bool:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers import (
+    AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
     MixtralConfig,
     OlmoeConfig,
+    PretrainedConfig,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
 )

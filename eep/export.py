@@ -1,0 +1,110 @@
+"""Write a pruned/merged model as a Hugging Face checkpoint with `keep` experts per layer.
+
+The checkpoint is computed by the same `Surgery` the search evaluates with, so its logits are the
+in-place model's. Pure pruning and `logits`-mode candidates give a stock checkpoint that vanilla
+`AutoModelForCausalLM.from_pretrained` loads; `probs`-mode candidates with mixed router rows give
+an `eep_<family>` checkpoint that loads after `import eep` (see `eep.models.mapped`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eep.candidate import Candidate, CandidateError
+from eep.models.families import get_num_experts
+from eep.models.loading import load_model
+from eep.models.mapped import MAPPED_PREFIX, mapped_config_class
+from eep.models.surgery import Surgery
+
+log = logging.getLogger(__name__)
+CANDIDATE_FILE = "eep_candidate.safetensors"
+
+
+@dataclass
+class ExportReport:
+    """Where the checkpoint went and how to load it."""
+
+    out_dir: Path
+    stock: bool
+    keep: int
+    num_experts: int
+    top_k: int
+    parameters: int
+
+    def how_to_load(self) -> str:
+        """A Python snippet that loads the exported checkpoint."""
+        prefix = "" if self.stock else "import eep  # registers the router-mapped model class\n"
+        return (
+            f"{prefix}from transformers import AutoModelForCausalLM\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{self.out_dir}")'
+        )
+
+
+def export_model(
+    model: str,
+    candidate: Candidate,
+    out_dir: str | Path,
+    dtype: str = "auto",
+    max_shard_size: str = "5GB",
+    trust_remote_code: bool = False,
+) -> ExportReport:
+    """Apply `candidate` to `model` (MODEL argument) and save the result to `out_dir`."""
+    out_dir = Path(out_dir)
+    if len(set(candidate.keep_per_layer)) != 1:
+        raise CandidateError(
+            f"layers keep different expert counts {candidate.keep_per_layer}: a Hugging Face "
+            "config has one expert count, so this export is not supported yet"
+        )
+    loaded = load_model(model, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code)
+    net = loaded.model
+    surgery = Surgery(net)
+    num_experts = get_num_experts(net.config, surgery.family)
+    # Merge layer by layer and drop each layer's originals at once: the model is never held twice.
+    surgery.apply(candidate, release_originals=True)
+    stock = candidate.router_has_stock_equivalent()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net.save_pretrained(
+        out_dir,
+        max_shard_size=max_shard_size,
+        # Mapped checkpoints keep the fused layout: their class's parameter names are the keys.
+        save_original_format=stock,
+    )
+    if not stock:
+        _write_mapped_config(net.config, num_experts, out_dir)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out_dir)
+    candidate.save(out_dir / CANDIDATE_FILE)
+    report = ExportReport(
+        out_dir=out_dir,
+        stock=stock,
+        keep=candidate.keep,
+        num_experts=num_experts,
+        top_k=int(net.config.num_experts_per_tok),
+        parameters=sum(p.numel() for p in net.parameters()),
+    )
+    log.info("exported %s experts of %s per layer to %s", report.keep, num_experts, out_dir)
+    return report
+
+
+def _write_mapped_config(config, num_experts: int, out_dir: Path) -> None:
+    config_cls = mapped_config_class(config.model_type)
+    values = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        values.pop(key, None)
+    mapped = config_cls(**values, num_router_experts=num_experts, router_mapping="probs")
+    mapped.architectures = [f"EEP{config.architectures[0] if config.architectures else 'ForCausalLM'}"]
+    mapped.save_pretrained(out_dir)
+    written = json.loads((out_dir / "config.json").read_text())
+    if written.get("model_type") != MAPPED_PREFIX + config.model_type:
+        raise RuntimeError(f"{out_dir}/config.json: model_type not written as expected")
+
+
+@torch.no_grad()
+def max_logit_difference(a: torch.nn.Module, b: torch.nn.Module, input_ids: torch.Tensor) -> float:
+    """Largest absolute difference between two models' logits on `input_ids`."""
+    return float((a(input_ids).logits.float() - b(input_ids).logits.float()).abs().max())

@@ -1,0 +1,1 @@
+"""Model-side code: family adapters, surgery, loading, export classes."""
