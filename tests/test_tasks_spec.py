@@ -174,6 +174,15 @@ def test_error_for_missing_scorer_requirements(tmp_path):
     assert "needs `answers`" in message
 
 
+def test_generation_options_do_not_apply_to_multiple_choice(tmp_path):
+    assert "do not apply to multiple_choice" in error_of(tmp_path, mc_spec(stop=["\n"]))
+
+
+def test_generation_gets_a_default_token_budget():
+    spec = TaskSpec.from_dict(mc_spec(scorer="generate", options=None, label=None, answers="label"))
+    assert spec.max_new_tokens == 32
+
+
 def test_error_for_label_map_out_of_range(tmp_path):
     message = error_of(tmp_path, mc_spec(label_map={"true": 1, "false": 2}))
     assert "outside 0..1" in message

@@ -147,7 +147,16 @@ class _Row:
     row: int
 
 
-def _read_jsonl(path: str) -> list[_Row]:
+@dataclass(frozen=True)
+class _Pool:
+    """A source's records by index; only the rows a split selects are ever read."""
+
+    name: str  # short name for example ids: the HF split or the JSONL file stem
+    size: int
+    get: Callable[[int], _Row]
+
+
+def _read_jsonl(path: str) -> _Pool:
     file = Path(path)
     if not file.is_file():
         raise TaskError(f"JSONL file not found: {file}")
@@ -164,10 +173,10 @@ def _read_jsonl(path: str) -> list[_Row]:
             if not isinstance(record, dict):
                 raise TaskError(f"{where}: expected a JSON object, got {type(record).__name__}")
             rows.append(_Row(record, where, line_no))
-    return rows
+    return _Pool(file.stem, len(rows), rows.__getitem__)
 
 
-def _read_hf(source, split: str) -> list[_Row]:
+def _read_hf(source, split: str) -> _Pool:
     import datasets
 
     kwargs: dict[str, Any] = {"split": split}
@@ -184,17 +193,13 @@ def _read_hf(source, split: str) -> list[_Row]:
             f"could not load Hugging Face dataset {source.path!r}{config} split {split!r}: {exc}"
         ) from exc
     label = f"hf:{source.path}" + (f"/{source.name}" if source.name else "") + f"[{split}]"
-    return [_Row(record, f"{label} row {i}", i) for i, record in enumerate(dataset)]
+    return _Pool(split, len(dataset), lambda i: _Row(dataset[i], f"{label} row {i}", i))
 
 
-def _read_pool(spec: TaskSpec, pool: str) -> list[_Row]:
+def _read_pool(spec: TaskSpec, pool: str) -> _Pool:
     if spec.source.kind == "jsonl":
         return _read_jsonl(pool)
     return _read_hf(spec.source, pool)
-
-
-def _pool_name(spec: TaskSpec, pool: str) -> str:
-    return Path(pool).stem if spec.source.kind == "jsonl" else pool
 
 
 def _shuffled(n: int, seed: int) -> list[int]:
@@ -209,7 +214,7 @@ class _Slice:
     stop: int
 
 
-def _slice_of(spec: TaskSpec, split: str, pool_size: int) -> _Slice:
+def _slice_of(spec: TaskSpec, split: str, rows: _Pool) -> _Slice:
     """Where `split` sits in its shuffled pool; errors when it is empty or does not fit."""
     source, sizes = spec.source, spec.splits
     size = sizes.size(split)
@@ -220,13 +225,13 @@ def _slice_of(spec: TaskSpec, split: str, pool_size: int) -> _Slice:
         sizes.size(s) for s in SPLIT_NAMES[: SPLIT_NAMES.index(split)] if source.pool_of(s) == pool
     )
     reserved = spec.few_shot if source.pool_of("search") == pool else 0
-    available = max(pool_size - reserved - start, 0)
+    available = max(rows.size - reserved - start, 0)
     if size > available:
         shots = f", {reserved} kept for few-shot examples" if reserved else ""
         earlier = f", {start} taken by earlier splits" if start else ""
         raise TaskError(
             f"task {spec.name!r}: split {split!r} asks for {size} examples but only {available} "
-            f"remain in {_pool_name(spec, pool)!r} ({pool_size} records{earlier}{shots})"
+            f"remain in {rows.name!r} ({rows.size} records{earlier}{shots})"
         )
     return _Slice(start, start + size)
 
@@ -381,32 +386,32 @@ def load_examples(spec: TaskSpec, split: str) -> list[Example]:
         return _load_builtin(spec, split)
     pool = spec.source.pool_of(split)
     rows = _read_pool(spec, pool)
-    if not rows:
-        raise TaskError(f"task {spec.name!r}: source {_pool_name(spec, pool)!r} has no records")
-    order = _shuffled(len(rows), spec.splits.seed)
-    where = _slice_of(spec, split, len(rows))
+    if not rows.size:
+        raise TaskError(f"task {spec.name!r}: source {rows.name!r} has no records")
+    order = _shuffled(rows.size, spec.splits.seed)
+    where = _slice_of(spec, split, rows)
     shots: list[str] = []
     if spec.few_shot:
         shot_pool = spec.source.pool_of("search")
         shot_rows = rows if shot_pool == pool else _read_pool(spec, shot_pool)
-        shot_order = order if shot_pool == pool else _shuffled(len(shot_rows), spec.splits.seed)
-        if len(shot_order) < spec.few_shot:
+        shot_order = order if shot_pool == pool else _shuffled(shot_rows.size, spec.splits.seed)
+        if shot_rows.size < spec.few_shot:
             raise TaskError(
                 f"task {spec.name!r}: few_shot asks for {spec.few_shot} examples but "
-                f"{_pool_name(spec, shot_pool)!r} has {len(shot_order)} records"
+                f"{shot_rows.name!r} has {shot_rows.size} records"
             )
         # The tail of the pool, read backwards: the same shots whatever the split sizes.
         shots = [
-            _shot_text(spec, _parse(spec, shot_rows[i])) for i in shot_order[::-1][: spec.few_shot]
+            _shot_text(spec, _parse(spec, shot_rows.get(i)))
+            for i in shot_order[::-1][: spec.few_shot]
         ]
-    pool_name = _pool_name(spec, pool)
     examples = []
     for i in order[where.start : where.stop]:
-        row = rows[i]
+        row = rows.get(i)
         parsed = _parse(spec, row)
         examples.append(
             Example(
-                id=f"{spec.name}:{pool_name}:{row.row}",
+                id=f"{spec.name}:{rows.name}:{row.row}",
                 prompt=_wrap(spec, parsed.body, shots),
                 answers=parsed.answers,
                 options=parsed.options,

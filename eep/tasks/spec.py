@@ -1,4 +1,4 @@
-"""TaskSpec: one evaluation task as a YAML file (source, field mapping, prompt, scorer, splits).
+r"""TaskSpec: one evaluation task as a YAML file (source, field mapping, prompt, scorer, splits).
 
 A spec says where the examples come from (the built-in synthetic suite, a JSONL file, or a
 Hugging Face dataset), how a source record maps onto our field names, how a prompt is written from
@@ -9,6 +9,16 @@ Field references: `fields` maps our names to source paths (`span1: target.span1_
 nested records, an integer segment indexes a list). Every `{placeholder}` in `prompt` and in fixed
 `options`, and the `label`/`answers`/`options` field names, are our names: keys of `fields`, or
 fields a `preprocess` step adds.
+
+    name: boolq
+    source: {kind: hf, path: aps/super_glue, name: boolq,
+             split: {search: train, dev: train, test: validation}}
+    fields: {passage: passage, question: question, label: label}
+    prompt: "{passage}\nQuestion: {question}?\nAnswer:"
+    scorer: multiple_choice
+    options: [" no", " yes"]       # label 0 -> " no", 1 -> " yes"
+    label: label
+    splits: {search: 200, dev: 200, test: 500, seed: 0}
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from pydantic import (
 from eep.tasks.scorers import COMPAT_RULES, LETTER_RULES, METRICS
 
 SPLIT_NAMES: tuple[str, ...] = ("search", "dev", "test")
+DEFAULT_MAX_NEW_TOKENS = 32  # generation budget when a generate/eep-compat spec names none
 SplitName = Literal["search", "dev", "test"]
 ScorerName = Literal["multiple_choice", "generate", "eep-compat"]
 CompatRule = Literal[
@@ -191,7 +202,7 @@ class TaskSpec(_Frozen):
 
     @model_validator(mode="before")
     @classmethod
-    def _fill_builtin(cls, data: Any) -> Any:
+    def _fill_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -211,6 +222,8 @@ class TaskSpec(_Frozen):
             data.setdefault("scorer", synthetic.task_kind(task))
             if data["scorer"] == "generate":
                 data.setdefault("max_new_tokens", synthetic.max_new_tokens(task))
+        if data.get("scorer") in ("generate", "eep-compat") and data.get("max_new_tokens") is None:
+            data["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         return data
 
     @field_validator("label_map", mode="before")
@@ -313,6 +326,8 @@ class TaskSpec(_Frozen):
             raise ValueError("`answer_extract` applies only to the generate scorer")
         builtin = self.source.kind == "builtin"
         if scorer == "multiple_choice":
+            if self.stop or self.max_new_tokens is not None:
+                raise ValueError("`stop` and `max_new_tokens` do not apply to multiple_choice")
             if not builtin:
                 self._require("options", "label")
                 self._forbid("answers", "unanswerable")
