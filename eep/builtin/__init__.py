@@ -1,0 +1,1 @@
+"""Built-in assets: the character tokenizer and the tiny MoE trained on the synthetic tasks."""

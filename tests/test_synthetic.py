@@ -1,0 +1,131 @@
+"""The built-in synthetic tasks, the character tokenizer and the shipped tiny MoE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eep.builtin.tokenizer import build_tokenizer
+from eep.tasks.synthetic import (
+    SPLITS,
+    SYNTHETIC_TASKS,
+    make_examples,
+    max_new_tokens,
+    split_of,
+    task_kind,
+)
+
+TINY_MOE = Path(__file__).resolve().parents[1] / "eep" / "builtin" / "tiny-moe"
+
+
+def test_task_list_has_both_kinds() -> None:
+    assert len(SYNTHETIC_TASKS) >= 7
+    kinds = {task_kind(name) for name in SYNTHETIC_TASKS}
+    assert kinds == {"generate", "multiple_choice"}
+
+
+@pytest.mark.parametrize("name", SYNTHETIC_TASKS)
+def test_deterministic_for_a_seed(name: str) -> None:
+    assert make_examples(name, "dev", 50, seed=3) == make_examples(name, "dev", 50, seed=3)
+    assert make_examples(name, "dev", 50, seed=3) != make_examples(name, "dev", 50, seed=4)
+
+
+@pytest.mark.parametrize("name", SYNTHETIC_TASKS)
+def test_sizes_ids_and_prompt_format(name: str) -> None:
+    examples = make_examples(name, "test", 200)
+    assert len(examples) == 200
+    assert [ex.id for ex in examples] == [f"{name}-test-{i}" for i in range(200)]
+    assert len({ex.prompt for ex in examples}) == 200
+    for ex in examples:
+        assert ex.prompt.startswith(name + " ") and ex.prompt.endswith("=")
+        assert len(ex.answers[0]) + 1 <= max_new_tokens(name)
+
+
+@pytest.mark.parametrize("name", SYNTHETIC_TASKS)
+def test_splits_never_share_a_prompt(name: str) -> None:
+    prompts = {}
+    for split in SPLITS:
+        # Two seeds: a prompt keeps its split whatever the seed.
+        prompts[split] = {
+            ex.prompt for seed in (0, 1) for ex in make_examples(name, split, 150, seed=seed)
+        }
+        assert all(split_of(p) == split for p in prompts[split])
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1 :]:
+            assert not prompts[a] & prompts[b], (a, b)
+
+
+def test_generation_answers_are_correct() -> None:
+    ex = make_examples("add", "train", 1)[0]
+    a, b = ex.prompt.removeprefix("add ").removesuffix("=").split("+")
+    assert ex.answers == (str(int(a) + int(b)),)
+    ex = make_examples("sort", "train", 1)[0]
+    assert ex.answers == ("".join(sorted(ex.prompt.removeprefix("sort ").removesuffix("="))),)
+    ex = make_examples("reverse", "train", 1)[0]
+    assert ex.answers == (ex.prompt.removeprefix("reverse ").removesuffix("=")[::-1],)
+
+
+def test_multiple_choice_examples_are_well_formed() -> None:
+    for name in SYNTHETIC_TASKS:
+        if task_kind(name) != "multiple_choice":
+            assert all(not ex.options and ex.label is None for ex in make_examples(name, "dev", 20))
+            continue
+        examples = make_examples(name, "dev", 200)
+        assert {ex.label for ex in examples} == {0, 1}  # both positions are right sometimes
+        for ex in examples:
+            assert ex.is_multiple_choice and len(set(ex.options)) == len(ex.options) >= 2
+            assert ex.answers == (ex.options[ex.label],)
+
+
+def test_compare_picks_the_larger_number() -> None:
+    for ex in make_examples("compare", "search", 50):
+        assert int(ex.answers[0]) == max(int(o) for o in ex.options)
+
+
+def test_unknown_task_and_split_and_exhausted_split() -> None:
+    with pytest.raises(ValueError, match="add, reverse"):
+        make_examples("nope", "train", 1)
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        task_kind("nope")
+    with pytest.raises(ValueError, match="splits are"):
+        make_examples("add", "validation", 1)
+    # 2-digit addition has 10,000 prompts, about 1,000 of them in test.
+    with pytest.raises(ValueError, match="cannot yield 5000"):
+        make_examples("add", "test", 5000)
+
+
+def test_tokenizer_covers_every_task_without_unk(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    build_tokenizer().save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None
+    for name in SYNTHETIC_TASKS:
+        for ex in make_examples(name, "train", 100):
+            for continuation in ex.options or ex.answers:
+                text = ex.prompt + continuation
+                ids = tokenizer(text)["input_ids"]
+                assert ids[0] == tokenizer.bos_token_id
+                assert tokenizer.unk_token_id not in ids
+                assert len(ids) == len(text) + 1  # one token per character
+                assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.skipif(not (TINY_MOE / "config.json").exists(), reason="tiny-moe not trained yet")
+def test_shipped_tiny_moe_loads_and_is_small() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    size = sum(f.stat().st_size for f in TINY_MOE.rglob("*") if f.is_file())
+    assert size < 10 * 1024 * 1024
+    model = AutoModelForCausalLM.from_pretrained(TINY_MOE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MOE)
+    assert model.config.num_local_experts == 8 and model.config.num_experts_per_tok == 2
+    assert model.config.vocab_size == len(tokenizer)
+    ex = make_examples("reverse", "test", 1)[0]
+    ids = tokenizer(ex.prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens("reverse"), do_sample=False)
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert text == ex.answers[0]
