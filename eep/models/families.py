@@ -121,3 +121,30 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
             f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
         )
     return found
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers a search needs about a model, read without loading its weights."""
+
+    family: str
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+
+
+def model_shape(config: PretrainedConfig) -> ModelShape:
+    """Family, MoE layers, experts and top-k of a config (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    family = detect_family(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = moe_layers(model)
+    return ModelShape(
+        family=family.name,
+        num_moe_layers=len(layers),
+        num_experts=get_num_experts(config, family),
+        top_k=int(layers[0].gate.top_k),
+    )

@@ -451,9 +451,9 @@ def _check_placeholders(where: str, template: str, allowed: set[str]) -> None:
             )
 
 
-def format_validation_error(exc: ValidationError, origin: str) -> str:
+def format_validation_error(exc: ValidationError, origin: str, what: str = "task spec") -> str:
     """One line per problem: `origin: field.path: message`."""
-    lines = [f"{origin}: invalid task spec"]
+    lines = [f"{origin}: invalid {what}"]
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")

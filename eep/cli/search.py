@@ -1,0 +1,37 @@
+"""`eep search`: run or resume a campaign from its YAML file."""
+
+from __future__ import annotations
+
+import argparse
+
+from eep.campaign import run_campaign
+from eep.config import load_config
+
+NAME = "search"
+HELP = "run a pruning/merging campaign described by a YAML file (or resume one)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `eep search`."""
+    parser.add_argument("config", help="campaign YAML (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                        help="override a field, e.g. --set strategy.total_iter=50 (repeatable)")
+    parser.add_argument("--run-dir", help="run directory (default: output.run_dir or runs/<name>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the campaign in RUN_DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the campaign and print its summary."""
+    config = load_config(args.config, args.overrides)
+    result = run_campaign(
+        config,
+        run_dir=args.resume or args.run_dir,
+        resume=bool(args.resume),
+        quiet=args.quiet,
+    )
+    print(result.table)
+    print(f"run directory: {result.run_dir}")
+    if result.export_dir is not None:
+        print(f"exported model: {result.export_dir}")
+    return 0

@@ -1,0 +1,208 @@
+"""Campaign YAML: one frozen pydantic model, validated with errors naming the file and field.
+
+    name: tiny-add
+    model: builtin:tiny-moe
+    task: add                  # a built-in/shipped task name, a task YAML path, or an inline spec
+    keep: 4                    # experts kept per MoE layer
+    top_k: null                # active experts per token (null: the model's)
+    router_mapping: probs      # probs (the EEP authors') | logits
+    strategy: {kind: eep, total_iter: 150, ...}   # eep | random | coordinate_descent
+    budget: {max_evaluations: null, max_seconds: null}
+    workers: 0                 # 0: evaluate in this process; N > 0: N Ray actors
+    seed: 0
+    output: {run_dir: runs/tiny-add, export: true}
+
+`keep`, `top_k`, `router_mapping` and `groups` are campaign-level and flow into the strategy's
+settings; writing them inside `strategy:` too is an error (one place for each fact).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from eep.search.settings import StrategySettings
+from eep.tasks.registry import resolve_task
+from eep.tasks.spec import TaskError, TaskSpec, format_validation_error
+
+_SHARED_SEARCH_FIELDS = ("keep", "top_k", "router_mapping", "groups")
+
+
+class ConfigError(ValueError):
+    """A campaign file or override that does not validate; the message names file and field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Budget(_Frozen):
+    """Caps on top of the strategy's own iteration count (whichever ends first)."""
+
+    max_evaluations: int | None = Field(default=None, ge=1, description="search evaluations")
+    max_seconds: float | None = Field(default=None, gt=0, description="search wall time")
+
+
+class Resources(_Frozen):
+    """What one evaluation worker (one model replica) asks of the cluster."""
+
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per replica (several: device_map)")
+    num_cpus: float = Field(default=1, ge=0, description="CPUs per replica")
+    memory_gb: float | None = Field(default=None, gt=0, description="host memory per replica")
+
+
+class EvaluationSettings(_Frozen):
+    """How candidates are scored."""
+
+    device: str = Field(default="auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    dtype: str = Field(default="auto", description="auto (as stored), float32, bfloat16, float16")
+    batch_size: int = Field(default=32, ge=1)
+    originals_on_cpu: bool = Field(
+        default=False, description="keep cached original experts in host memory (GPU too small)"
+    )
+    threads: int | None = Field(default=None, ge=1, description="torch threads per worker")
+
+
+class FinalSettings(_Frozen):
+    """The end of a campaign: dev re-ranking, test report, baselines."""
+
+    dev_top: int = Field(default=20, ge=1, description="top candidates by search score re-scored on dev")
+    random_baselines: int = Field(
+        default=5, ge=0, description="random pure-pruning candidates scored on test (mean reported)"
+    )
+
+
+class OutputSettings(_Frozen):
+    """Where a campaign writes."""
+
+    run_dir: str | None = Field(default=None, description="default: runs/<name>")
+    export: bool = Field(default=True, description="export the chosen candidate as a checkpoint")
+    checkpoint_every: int = Field(default=10, ge=1, description="strategy checkpoint period (evaluations)")
+
+
+class CampaignConfig(_Frozen):
+    """A whole campaign: what to prune, how to score, how to search, where to write."""
+
+    name: str = Field(default="campaign", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str
+    trust_remote_code: bool = False
+    task: TaskSpec
+    keep: int = Field(ge=1)
+    top_k: int | None = Field(default=None, ge=1)
+    router_mapping: Literal["probs", "logits"] = "probs"
+    groups: Any = "per_layer"
+    strategy: StrategySettings
+    init_from: list[str] = Field(
+        default_factory=list, description="candidate files seeding the search (e.g. NAEE results)"
+    )
+    budget: Budget = Budget()
+    workers: int = Field(default=0, ge=0, description="0: in-process; N: N Ray actors")
+    ray_address: str | None = Field(default=None, description="Ray cluster address (auto in a job)")
+    resources: Resources = Resources()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    final: FinalSettings = FinalSettings()
+    seed: int = 0
+    output: OutputSettings = OutputSettings()
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> TaskSpec:
+        try:
+            return resolve_task(value)
+        except TaskError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @model_validator(mode="before")
+    @classmethod
+    def _share_search_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        strategy = data.get("strategy", {"kind": "eep"})
+        if isinstance(strategy, str):
+            strategy = {"kind": strategy}
+        if isinstance(strategy, dict):
+            strategy = dict(strategy)
+            for key in _SHARED_SEARCH_FIELDS:
+                if key in strategy and key in data and strategy[key] != data[key]:
+                    raise ValueError(
+                        f"strategy.{key} and {key} disagree; set {key} once, at the top level"
+                    )
+                if key in data:
+                    strategy[key] = data[key]
+            data = {**data, "strategy": strategy}
+        return data
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (output.run_dir or runs/<name>)."""
+        return Path(self.output.run_dir or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (every default filled in); loads back to an equal config."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CampaignConfig:
+    """Read a campaign YAML, apply `a.b=value` overrides, validate; errors name file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: campaign file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _resolve_relative_task(data, path.parent)
+    for item in overrides:
+        data = apply_override(data, item)
+    return config_from_dict(data, origin=str(path))
+
+
+def config_from_dict(data: dict, origin: str = "campaign config") -> CampaignConfig:
+    """Validate a campaign mapping; errors say `origin` and the field path."""
+    try:
+        return CampaignConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, origin, "campaign config")) from exc
+
+
+def apply_override(data: dict, item: str) -> dict:
+    """`a.b.c=value` (value parsed as YAML) set into a copy of `data`."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. strategy.total_iter=50")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty field name in {key!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    out = dict(data)
+    node = out
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif isinstance(child, str) and part == "strategy":
+            child = {"kind": child}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+        node[part] = dict(child)
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def _resolve_relative_task(data: dict, base: Path) -> dict:
+    # A task given as a relative YAML path is relative to the campaign file, not the cwd.
+    task = data.get("task")
+    if isinstance(task, str) and task.endswith((".yaml", ".yml")) and not Path(task).is_absolute():
+        candidate = base / task
+        if candidate.is_file():
+            return {**data, "task": str(candidate)}
+    return data

@@ -1,0 +1,156 @@
+"""The EvaluatorPool interface and its in-process implementation.
+
+A pool scores candidates asynchronously: `submit` a job, then `wait` for the ones that have
+completed (in completion order, not submission order). The campaign keeps every worker busy by
+submitting a new job as soon as one completes (steady state, no generation barrier).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from eep.candidate import Candidate
+from eep.result import FitnessResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker needs to build its Evaluator once."""
+
+    model: str
+    task: dict  # TaskSpec as a plain mapping (crosses process boundaries cheaply)
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: int = 32
+    originals_on_cpu: bool = False
+    threads: int | None = None
+    trust_remote_code: bool = False
+    # Splits each worker prepares; the search split is the one candidates are scored on.
+    splits: tuple[str, ...] = ("search",)
+
+
+@dataclass
+class Job:
+    """One candidate to score on one split; `result` and `worker` are set on completion."""
+
+    candidate: Candidate | None  # None: the unpruned model
+    split: str = "search"
+    result: FitnessResult | None = None
+    worker: str = ""
+    submitted: float = field(default_factory=time.time)
+
+
+class EvaluatorPool(Protocol):
+    """Workers that score candidates; results come back as they complete."""
+
+    @property
+    def size(self) -> int:
+        """Workers alive now."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs submitted and not yet returned by `wait`."""
+        ...
+
+    def idle(self) -> int:
+        """How many more jobs can start at once (free workers)."""
+        ...
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; it starts when a worker is free."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> list[Job]:
+        """Completed jobs (at least one unless `timeout` passes or none is in flight)."""
+        ...
+
+    def close(self) -> None:
+        """Release the workers."""
+        ...
+
+
+class InProcessPool:
+    """One Evaluator in this process: `wait` runs the next queued job to completion.
+
+    An evaluation that raises is returned as a failed result with its message, so one bad
+    candidate cannot stop a campaign.
+    """
+
+    def __init__(self, spec: WorkerSpec, evaluators: dict | None = None) -> None:
+        self.spec = spec
+        self._queue: deque[Job] = deque()
+        self._evaluators = evaluators if evaluators is not None else build_evaluators(spec)
+
+    @property
+    def size(self) -> int:
+        """One worker: this process."""
+        return 1
+
+    @property
+    def in_flight(self) -> int:
+        """Queued jobs."""
+        return len(self._queue)
+
+    def idle(self) -> int:
+        """1 when nothing is queued: jobs run one at a time."""
+        return 0 if self._queue else 1
+
+    def submit(self, job: Job) -> None:
+        """Queue a job."""
+        self._queue.append(job)
+
+    def wait(self, timeout: float | None = None) -> list[Job]:
+        """Run the oldest queued job and return it."""
+        if not self._queue:
+            return []
+        job = self._queue.popleft()
+        job.result = run_job(self._evaluators, job)
+        job.worker = "local"
+        return [job]
+
+    def close(self) -> None:
+        """Nothing to release."""
+        self._queue.clear()
+
+
+def build_evaluators(spec: WorkerSpec) -> dict:
+    """One Evaluator per split, sharing one loaded model and one Surgery."""
+    import torch
+
+    from eep.fitness import Evaluator
+    from eep.models.loading import load_model
+    from eep.tasks.spec import TaskSpec
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_model(spec.model, device=device, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+    task = TaskSpec.from_dict(spec.task)
+    first = Evaluator(loaded, task, split=spec.splits[0], device=device, batch_size=spec.batch_size)
+    evaluators = {spec.splits[0]: first}
+    for split in spec.splits[1:]:
+        evaluators[split] = first.for_split(split)
+    return evaluators
+
+
+def run_job(evaluators: dict, job: Job) -> FitnessResult:
+    """Score one job; a Python error becomes a failed result carrying its message."""
+    evaluator = evaluators.get(job.split)
+    if evaluator is None:
+        evaluator = evaluators[job.split] = next(iter(evaluators.values())).for_split(job.split)
+    try:
+        return evaluator.evaluate(job.candidate)
+    except Exception as exc:  # noqa: BLE001  (a failed evaluation is data, not a crash)
+        log.warning("evaluation failed: %s", exc)
+        log.debug("%s", traceback.format_exc())
+        return FitnessResult.failure(f"{type(exc).__name__}: {exc}", split=job.split)

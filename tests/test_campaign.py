@@ -1,0 +1,172 @@
+"""The campaign driver over a fake pool: steady state, resume, final report (no model calls)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eep.campaign import Campaign, run_campaign
+from eep.config import config_from_dict
+from eep.distributed.pool import Job
+from eep.models.testing import tiny_model
+from eep.result import FitnessResult
+from eep.runlog import RunDirError, RunLog
+
+TARGET = [0, 1, 2, 3]
+
+
+def synthetic_score(job: Job) -> float:
+    """Overlap of each layer's dominant experts with a target set, plus a merge term."""
+    if job.candidate is None:
+        return 1.0
+    score = 0.0
+    for merge in job.candidate.expert_merge:
+        dominant = merge.abs().argmax(dim=1).tolist()
+        score += len(set(dominant) & set(TARGET)) / len(TARGET)
+        score -= 0.01 * float((merge - torch.eye(8)[dominant]).abs().sum())
+    offset = {"search": 0.0, "dev": 0.001, "test": 0.002}[job.split]
+    return score / len(job.candidate.expert_merge) + offset
+
+
+class FakePool:
+    """`workers` slots; completes jobs in a seeded scrambled order; can die after N results."""
+
+    def __init__(self, workers: int = 1, die_after: int | None = None, seed: int = 0):
+        self.workers, self.die_after = workers, die_after
+        self.queue: list[Job] = []
+        self.returned = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @property
+    def size(self):
+        return self.workers
+
+    @property
+    def in_flight(self):
+        return len(self.queue)
+
+    def idle(self):
+        return max(0, self.workers - len(self.queue))
+
+    def submit(self, job):
+        self.queue.append(job)
+
+    def wait(self, timeout=None):
+        if self.die_after is not None and self.returned >= self.die_after:
+            raise KeyboardInterrupt("simulated kill")
+        i = int(torch.randint(len(self.queue), (1,), generator=self.gen)) if self.workers > 1 else 0
+        job = self.queue.pop(i)
+        job.result = FitnessResult(score=synthetic_score(job), metric="acc", count=10, split=job.split)
+        job.worker = f"w{i}"
+        self.returned += 1
+        return [job]
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tiny_model("mixtral").save_pretrained(path)
+    return str(path)
+
+
+def make_config(model_dir, run_dir, **extra):
+    data = {
+        "name": "t",
+        "model": model_dir,
+        "task": "add",
+        "keep": 4,
+        "strategy": {"kind": "eep", "init_population": 6, "discrete_iter": 15, "total_iter": 30, "dev_top": 4},
+        "final": {"random_baselines": 3},
+        "output": {"run_dir": str(run_dir), "export": False, "checkpoint_every": 7},
+    }
+    data.update(extra)
+    return config_from_dict(data)
+
+
+def search_trace(run_dir):
+    return [(r["id"], r["hash"], r["score"]) for r in RunLog.open(run_dir).records if r["split"] == "search"]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_campaign_runs_to_a_summary(tmp_path, model_dir, workers):
+    cfg = make_config(model_dir, tmp_path / "run")
+    result = run_campaign(cfg, quiet=True, pool=FakePool(workers))
+    methods = result.summary["methods"]
+    assert set(methods) == {"full", "random", "eep", "eep_prune_only"}
+    assert methods["full"]["test"] == 1.0
+    assert methods["eep"]["evaluations"] == 31  # total_iter + 1, as the authors ran
+    records = RunLog.open(tmp_path / "run").records
+    search = [r for r in records if r["split"] == "search"]
+    assert len({r["hash"] for r in search}) == len(search) == 31  # no candidate scored twice
+    assert len({r["id"] for r in search}) == 31
+    dev = [r for r in records if r["split"] == "dev"]
+    assert 1 <= len(dev) <= 8
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["methods"]["eep"]["id"] == methods["eep"]["id"]
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+    assert "EEP prune+merge" in result.table
+
+
+@pytest.mark.parametrize("kill_points", [[1], [9, 20], [14, 15, 29]])
+def test_killed_and_resumed_campaign_makes_the_same_decisions(tmp_path, model_dir, kill_points):
+    reference = make_config(model_dir, tmp_path / "ref")
+    run_campaign(reference, quiet=True, pool=FakePool(1))
+    want = search_trace(tmp_path / "ref")
+
+    cfg = make_config(model_dir, tmp_path / "run")
+    done = 0
+    for i, point in enumerate(kill_points):
+        with pytest.raises(KeyboardInterrupt):
+            Campaign(cfg, resume=i > 0, quiet=True, pool=FakePool(1, die_after=point - done)).run()
+        done = len(search_trace(tmp_path / "run"))
+        assert done == point
+    run_campaign(cfg, resume=True, quiet=True, pool=FakePool(1))
+    assert search_trace(tmp_path / "run") == want
+
+
+def test_torn_last_line_is_dropped_and_resume_continues(tmp_path, model_dir):
+    cfg = make_config(model_dir, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        Campaign(cfg, quiet=True, pool=FakePool(1, die_after=5)).run()
+    path = tmp_path / "run" / "evaluations.jsonl"
+    with open(path, "a") as f:
+        f.write('{"id": "eep-00006", "split": "sea')  # killed mid-write
+    run_campaign(cfg, resume=True, quiet=True, pool=FakePool(1))
+    assert len(search_trace(tmp_path / "run")) == 31
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, model_dir):
+    cfg = make_config(model_dir, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        Campaign(cfg, quiet=True, pool=FakePool(1, die_after=2)).run()
+    with pytest.raises(RunDirError, match="--resume"):
+        Campaign(cfg, quiet=True, pool=FakePool(1))
+
+
+def test_budget_caps_evaluations(tmp_path, model_dir):
+    cfg = make_config(model_dir, tmp_path / "run", budget={"max_evaluations": 12})
+    result = run_campaign(cfg, quiet=True, pool=FakePool(2))
+    assert result.summary["search_evaluations"] == 12
+
+
+@pytest.mark.parametrize("kind", ["random", "coordinate_descent"])
+def test_baseline_strategies_run(tmp_path, model_dir, kind):
+    strategy = {"kind": kind, "budget": 40}
+    if kind == "coordinate_descent":
+        strategy["max_subsets_per_layer"] = 10
+    cfg = make_config(model_dir, tmp_path / "run", strategy=strategy)
+    result = run_campaign(cfg, quiet=True, pool=FakePool(2))
+    name = "random_search" if kind == "random" else kind
+    method = result.summary["methods"][name]
+    assert method["evaluations"] <= 40 and method["test"] > 0
+
+
+def test_no_complete_candidate_is_reported(tmp_path, model_dir):
+    strategy = {"kind": "coordinate_descent", "budget": 5}
+    cfg = make_config(model_dir, tmp_path / "run", strategy=strategy)
+    result = run_campaign(cfg, quiet=True, pool=FakePool(1))
+    assert "no complete candidate" in result.summary["methods"]["coordinate_descent"]["note"]
