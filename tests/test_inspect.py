@@ -1,0 +1,94 @@
+"""`eep inspect`: parameter counts, pruned sizes and Evaluator memory from a config alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import LlamaConfig, MixtralConfig
+
+from eep.cli import main
+from eep.inspect import GIB, describe_model
+from eep.models.families import moe_layers
+from eep.models.testing import TINY_FAMILIES, tiny_config, tiny_model
+
+EXPERT_PARAMS_8X7B = 32 * 8 * 3 * 4096 * 14336  # 45,097,156,608
+
+
+def mixtral_8x7b() -> MixtralConfig:
+    return MixtralConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_local_experts=8,
+        num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+    )
+
+
+def test_mixtral_8x7b_counts_and_sizes():
+    report = describe_model(mixtral_8x7b(), model="Mixtral-8x7B", activation_gib=6)
+    assert (report.family, report.num_layers, len(report.moe_layers)) == ("mixtral", 32, 32)
+    assert (report.num_experts, report.top_k, report.shared_experts) == (8, 2, 0)
+    assert report.total_params == 46_702_792_704  # the published 46.7 B
+    assert report.expert_params == EXPERT_PARAMS_8X7B
+    assert report.params_per_expert == 3 * 4096 * 14336
+    assert report.gate_up_params_per_expert == 2 * 4096 * 14336
+    non_expert = 46_702_792_704 - EXPERT_PARAMS_8X7B
+    assert report.non_expert_params == non_expert
+    per_layer_expert = 3 * 4096 * 14336
+    want = {keep: non_expert + 32 * keep * per_layer_expert for keep in (8, 4, 2)}
+    assert {s.keep: s.params for s in report.sizes} == want
+    assert {s.keep: s.bytes for s in report.sizes} == {k: 2 * p for k, p in want.items()}
+    assert round(report.sizes[0].bytes / 1e9, 1) == 93.4
+    assert round(report.sizes[1].bytes / 1e9, 1) == 48.3
+    assert round(report.sizes[2].bytes / 1e9, 1) == 25.8
+    by_keep = {m.keep: m for m in report.evaluator}
+    assert set(by_keep) == {4, 2}
+    for keep, mem in by_keep.items():
+        assert mem.originals_bytes == 2 * EXPERT_PARAMS_8X7B
+        assert mem.working_bytes == 2 * want[keep]
+        assert mem.total_bytes == mem.originals_bytes + mem.working_bytes + 6 * GIB
+    # ~135 GiB at keep 4 (platform notes measured ~134): one H200 or two H100s.
+    assert round(by_keep[4].total_bytes / GIB) == 135
+    assert by_keep[4].gpus == {"80 GB": 2, "141 GB": 1}
+    assert by_keep[2].gpus == {"80 GB": 2, "141 GB": 1}
+    text = report.format()
+    assert "46.70 B" in text and "45.10 B" in text and "E = 8" in text and "93.4 GB" in text
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_counts_match_a_real_instance(family):
+    report = describe_model(tiny_config(family))
+    model = tiny_model(family)
+    layers = moe_layers(model)
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    assert report.expert_params == sum(
+        layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel() for layer in layers
+    )
+    assert report.moe_layers == [layer.index for layer in layers]
+    assert report.sizes[0].params == report.total_params
+    if family.startswith("deepseek"):
+        assert report.moe_layers == [1, 2]  # first_k_dense_replace=1
+    has_shared = family in ("qwen2_moe", "deepseek_v2", "deepseek_v3")
+    assert (report.shared_experts > 0) == has_shared
+    assert (report.shared_expert_params > 0) == has_shared
+
+
+def test_cli_json_is_one_object(tmp_path, capsys):
+    tiny_config("qwen2_moe").save_pretrained(tmp_path / "m")
+    assert main(["inspect", str(tmp_path / "m"), "--json", "--activation-gib", "1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["family"] == "qwen2_moe" and data["num_experts"] == 8
+    assert [s["keep"] for s in data["sizes"]] == [8, 4, 2]
+    assert [m["keep"] for m in data["evaluator"]] == [4, 2]
+    assert data["evaluator"][0]["activation_bytes"] == GIB
+    assert main(["inspect", str(tmp_path / "m")]) == 0
+    assert "shared experts      1 per layer" in capsys.readouterr().out
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=96).save_pretrained(tmp_path / "dense")
+    assert main(["inspect", str(tmp_path / "dense")]) == 2
+    assert "'llama' is not a supported MoE family" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="activation allowance"):
+        describe_model(tiny_config("mixtral"), activation_gib=-1)
