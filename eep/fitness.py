@@ -1,0 +1,424 @@
+"""The Evaluator: one model replica and one tokenized task split; `evaluate(candidate)` scores it.
+
+Built once per worker: the model is loaded once, one `Surgery` is built on it, the split's
+examples are loaded and tokenized once into length-sorted fixed batches. `evaluate(candidate)`
+then applies the candidate in place (or restores the unpruned model for None), runs batched
+scoring and returns a `FitnessResult` whose hits are in the split's example order.
+
+- multiple choice: every option of an example goes into one forward (a row per prompt+option,
+  left-padded so all rows end at the same column and only the last positions need logits); an
+  option scores the summed log-probability of its own tokens (float32 log-softmax, float64 sum).
+- generation (`generate`, `eep-compat`): greedy decoding with a KV cache, step by step; a row
+  leaves the batch (and the cache) when it emits EOS, reaches a stop string or `max_new_tokens`.
+
+Batched numbers equal one-example-at-a-time numbers up to floating-point rounding: BLAS kernels
+round differently for different row counts (on the CPU, MKL's sgemm for fewer than 8 rows), so
+logits differ in the last bits; a hit changes only where two options or two next tokens tie
+within that rounding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from eep.candidate import Candidate
+from eep.models.loading import LoadedModel, load_model
+from eep.models.surgery import Surgery
+from eep.result import FitnessResult
+from eep.tasks.example import Example
+from eep.tasks.loaders import load_examples
+from eep.tasks.registry import resolve_task
+from eep.tasks.scorers import aggregate, make_scorer, primary_metric
+from eep.tasks.spec import TaskSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32  # rows per forward (the EEP authors' generation batch)
+DEFAULT_MAX_NEW_TOKENS = 32  # generation tasks whose spec sets no max_new_tokens
+
+# One Surgery per model object: evaluators that share a replica (several splits or tasks) must
+# share its cached originals, or the second would cache the first one's pruned weights.
+_SURGERIES: weakref.WeakKeyDictionary[nn.Module, Surgery] = weakref.WeakKeyDictionary()
+
+
+def surgery_for(model: nn.Module, originals_device: str | torch.device | None = None) -> Surgery:
+    """The one `Surgery` of a model object, built on first use."""
+    surgery = _SURGERIES.get(model)
+    if surgery is None:
+        surgery = Surgery(model, originals_device=originals_device)
+        _SURGERIES[model] = surgery
+    return surgery
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt as the model sees it (with the tokenizer's special tokens, e.g. BOS)."""
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_choice(tokenizer, prompt: str, option: str) -> tuple[list[int], list[int]]:
+    """(context ids, option ids) of one multiple-choice row, split as lm-evaluation-harness does.
+
+    Trailing whitespace of the prompt moves to the option, the option's ids are those of
+    prompt+option after the prompt's own ids (so a merge across the boundary is tokenized as in
+    running text), and the context is the prompt encoded with special tokens.
+    """
+    spaces = len(prompt) - len(prompt.rstrip())
+    if spaces:
+        prompt, option = prompt[:-spaces], prompt[-spaces:] + option
+    context = encode_prompt(tokenizer, prompt)
+    bare = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(prompt + option, add_special_tokens=False)["input_ids"]
+    return context, list(whole[len(bare) :])
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a CUDA (or other accelerator) out-of-memory error."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+@dataclass
+class _Item:
+    """One example's token ids; `index` is its place in the split."""
+
+    index: int
+    prompt_ids: list[int]
+    option_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return max(len(self.option_ids), 1)
+
+    @property
+    def length(self) -> int:
+        longest = max((len(o) for o in self.option_ids), default=0)
+        return len(self.prompt_ids) + longest
+
+
+@dataclass
+class _Batch:
+    """Left-padded model inputs of a group of examples (one row per option for MC)."""
+
+    items: list[_Item]
+    input_ids: torch.Tensor  # [rows, T]
+    attention_mask: torch.Tensor  # [rows, T]
+    position_ids: torch.Tensor  # [rows, T]
+    tokens: int  # non-pad tokens
+    option_lengths: torch.Tensor | None = None  # [rows]; MC only
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class Evaluator:
+    """Scores candidates of one model on one task split (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: str | LoadedModel,
+        task: str | TaskSpec,
+        split: str = "search",
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = "auto",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_examples: int | None = None,
+        originals_device: str | torch.device | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_examples is not None and max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        # Task first: a wrong task name or file fails before a model is loaded.
+        self.spec: TaskSpec = resolve_task(task)
+        self.split = split
+        examples = load_examples(self.spec, split)
+        self.examples: list[Example] = examples[:max_examples] if max_examples else examples
+        self.scorer = make_scorer(self.spec)
+        self.metric = primary_metric(self.spec)
+        self.multiple_choice = self.spec.scorer == "multiple_choice"
+        self.max_new_tokens = self.spec.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+        if self.loaded.tokenizer is None:
+            raise ValueError(
+                f"model {self.loaded.spec!r} has no tokenizer: the evaluator needs one"
+            )
+        self.model: nn.Module = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.surgery = surgery_for(self.model, originals_device)
+        self.batch_size = batch_size
+        self.device = self.model.get_input_embeddings().weight.device
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.pad_id = _pad_id(self.tokenizer, self.eos_ids)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.last_outputs: list = []
+        self._batches = self._plan(self._tokenize(), batch_size)
+
+    # ------------------------------------------------------------------ facts for the search
+    @property
+    def num_layers(self) -> int:
+        """MoE layers of the model."""
+        return self.surgery.num_layers
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer of the unpruned model."""
+        return self.surgery.num_experts
+
+    @property
+    def top_k(self) -> int:
+        """Active experts per token of the unpruned model."""
+        return self.surgery.top_k
+
+    def for_split(self, split: str, max_examples: int | None = None) -> Evaluator:
+        """An evaluator of another split of the same task on the same model replica."""
+        return Evaluator(
+            self.loaded, self.spec, split, batch_size=self.batch_size, max_examples=max_examples
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.inference_mode()
+    def evaluate(self, candidate: Candidate | None = None) -> FitnessResult:
+        """Score `candidate` (None: the unpruned model) on the split; hits in example order."""
+        start = time.perf_counter()
+        if candidate is None:
+            self.surgery.restore()
+        else:
+            self.surgery.apply(candidate)
+        outputs: list = [None] * len(self.examples)
+        tokens = 0
+        j = 0
+        while j < len(self._batches):
+            batch = self._batches[j]
+            try:
+                if self.multiple_choice:
+                    results, used = self._score_choices(batch)
+                else:
+                    results, used = self._generate(batch)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or len(batch.items) == 1:
+                    raise
+                self._shrink_from(j)
+                continue
+            for item, result in zip(batch.items, results, strict=True):
+                outputs[item.index] = result
+            tokens += used
+            j += 1
+        per_example = [
+            self.scorer.score(ex, out) for ex, out in zip(self.examples, outputs, strict=True)
+        ]
+        metrics = aggregate(per_example)
+        self.last_outputs = outputs
+        return FitnessResult(
+            score=metrics[self.metric],
+            metric=self.metric,
+            hits=[s[self.metric] for s in per_example],
+            count=len(self.examples),
+            seconds=time.perf_counter() - start,
+            tokens=tokens,
+            metrics=metrics,
+            split=self.split,
+        )
+
+    def _score_choices(self, batch: _Batch) -> tuple[list[list[float]], int]:
+        """Summed log-probability of every option's tokens, per example of the batch."""
+        lengths = batch.option_lengths  # [rows]
+        longest = int(lengths.max())
+        width = batch.input_ids.shape[1]
+        # All rows end at the last column, so the logits that predict option tokens are the
+        # `longest` positions before the last one.
+        kwargs = {"logits_to_keep": longest + 1} if self._keeps_logits else {}
+        logits = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            **kwargs,
+        ).logits
+        logits = logits[:, -(longest + 1) : -1]  # [rows, longest, vocab]
+        targets = batch.input_ids[:, width - longest :]  # [rows, longest]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [rows, longest]
+        columns = torch.arange(longest, device=picked.device)
+        in_option = columns[None, :] >= (longest - lengths)[:, None]
+        sums = torch.where(in_option, picked, 0.0).double().sum(dim=1).tolist()
+        out, row = [], 0
+        for item in batch.items:
+            out.append(sums[row : row + len(item.option_ids)])
+            row += len(item.option_ids)
+        return out, batch.tokens
+
+    def _generate(self, batch: _Batch) -> tuple[list[str], int]:
+        """Greedy continuations (decoded, without special tokens) of the batch's prompts."""
+        max_new = self.max_new_tokens
+        out = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=True,
+            **({"logits_to_keep": 1} if self._keeps_logits else {}),
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+        mask = batch.attention_mask
+        next_position = batch.position_ids[:, -1:] + 1  # [active, 1]
+        active = list(range(batch.rows))  # batch rows still generating, in cache order
+        generated: list[list[int]] = [[] for _ in active]
+        produced = 0
+        while True:
+            next_tokens = logits.argmax(dim=-1)  # [active]
+            keep = []
+            for slot, (row, token) in enumerate(zip(active, next_tokens.tolist(), strict=True)):
+                generated[row].append(token)
+                produced += 1
+                if token in self.eos_ids or len(generated[row]) >= max_new:
+                    continue
+                if self.spec.stop and self._reached_stop(generated[row]):
+                    continue
+                keep.append(slot)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                # Finished rows leave the batch: later steps compute only the running ones.
+                index = torch.tensor(keep, device=mask.device)
+                cache.reorder_cache(index)
+                mask, next_position, next_tokens = (
+                    mask[index],
+                    next_position[index],
+                    next_tokens[index],
+                )
+                active = [active[slot] for slot in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            out = self.model(
+                input_ids=next_tokens[:, None],
+                attention_mask=mask,
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1]
+            next_position = next_position + 1
+        texts = [self._decode(ids) for ids in generated]
+        return texts, batch.tokens + produced
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        cut = next((i for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
+        return self.tokenizer.decode(list(ids[:cut]), skip_special_tokens=True)
+
+    def _reached_stop(self, ids: Sequence[int]) -> bool:
+        text = self._decode(ids)
+        return any(s and s in text for s in self.spec.stop)
+
+    # ------------------------------------------------------------------ batches
+    def _tokenize(self) -> list[_Item]:
+        """Every example's ids, prompts cut from the left to fit the model's positions."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        items, truncated = [], 0
+        for index, ex in enumerate(self.examples):
+            if self.multiple_choice:
+                pairs = [encode_choice(self.tokenizer, ex.prompt, opt) for opt in ex.options]
+                context = pairs[0][0]
+                options = [ids for _, ids in pairs]
+                room = None if limit is None else limit - max(len(o) for o in options)
+            else:
+                context, options = encode_prompt(self.tokenizer, ex.prompt), []
+                room = None if limit is None else limit - self.max_new_tokens
+            if not context:
+                # A model needs one token to predict the first one from (lm-eval uses EOS).
+                context = [self.pad_id if not self.eos_ids else min(self.eos_ids)]
+            if room is not None and len(context) > room:
+                if room < 1:
+                    raise ValueError(
+                        f"example {ex.id!r}: options or max_new_tokens need more than the model's "
+                        f"{limit} positions"
+                    )
+                context, truncated = context[-room:], truncated + 1
+            items.append(_Item(index, context, options))
+        if truncated:
+            log.warning(
+                "%d of %d prompts cut from the left to fit %d positions",
+                truncated,
+                len(items),
+                limit,
+            )
+        return items
+
+    def _plan(self, items: list[_Item], batch_size: int) -> list[_Batch]:
+        """Fixed batches, longest examples first (an out-of-memory shows at the first batch)."""
+        ordered = sorted(items, key=lambda it: (-it.length, it.index))
+        groups: list[list[_Item]] = []
+        rows = 0
+        for item in ordered:
+            # An example's options stay together; a batch holds at least one example.
+            if groups and rows + item.rows <= batch_size:
+                groups[-1].append(item)
+                rows += item.rows
+            else:
+                groups.append([item])
+                rows = item.rows
+        return [self._collate(group) for group in groups]
+
+    def _collate(self, items: list[_Item]) -> _Batch:
+        rows = (
+            [it.prompt_ids + opt for it in items for opt in it.option_ids]
+            if self.multiple_choice
+            else [it.prompt_ids for it in items]
+        )
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, ids in enumerate(rows):
+            input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[r, width - len(ids) :] = 1
+        # Positions count real tokens only, so a left-padded row sees the positions it would alone.
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        option_lengths = None
+        if self.multiple_choice:
+            option_lengths = torch.tensor(
+                [len(opt) for it in items for opt in it.option_ids], device=self.device
+            )
+        return _Batch(
+            items=items,
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            tokens=sum(len(r) for r in rows),
+            option_lengths=option_lengths,
+        )
+
+    def _shrink_from(self, j: int) -> None:
+        """Halve the batch size and re-batch batch `j` and every later one (earlier ones ran)."""
+        self.batch_size = max(1, self.batch_size // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("batch size halved to %d after out-of-memory", self.batch_size)
+        rest = [item for batch in self._batches[j:] for item in batch.items]
+        self._batches = self._batches[:j] + self._plan(rest, self.batch_size)
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _pad_id(tokenizer, eos_ids: frozenset[int]) -> int:
+    # Pad columns are masked out, so any id works; the tokenizer's own keeps inputs readable.
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        return int(tokenizer.pad_token_id)
+    return min(eos_ids) if eos_ids else 0
