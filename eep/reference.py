@@ -97,7 +97,7 @@ def _parse_range(part: str) -> tuple[int, int]:
     try:
         low, high = (int(b) for b in bounds)
     except ValueError:
-        raise ValueError(f"key token {part!r}: a range must be written [a-b] with integers a <= b") from None
+        raise ValueError(f"key token {part!r}: a range must be written [a-b] with integers a and b") from None
     return low, high
 
 
