@@ -352,10 +352,12 @@ class Campaign:
             if cfg.output.export:
                 from eep.export import export_model
 
-                result.export_dir = export_model(
+                report = export_model(
                     cfg.model, final, self.runlog.path / "model", trust_remote_code=cfg.trust_remote_code
-                ).out_dir
-                summary["export_dir"] = str(result.export_dir)
+                )
+                result.export_dir = report.out_dir
+                summary["export_dir"] = str(report.out_dir)
+                summary["export_stock"] = report.stock
         self.runlog.write_json(SUMMARY_FILE, summary)
         result.table = format_summary(summary)
         return result
