@@ -180,6 +180,11 @@ class Evaluator:
         """Active experts per token of the unpruned model."""
         return self.surgery.top_k
 
+    @property
+    def batch_layout(self) -> list[list[int]]:
+        """Split indices of each batch, in the order batches run (longest examples first)."""
+        return [[item.index for item in batch.items] for batch in self._batches]
+
     def for_split(self, split: str, max_examples: int | None = None) -> Evaluator:
         """An evaluator of another split of the same task on the same model replica."""
         return Evaluator(
