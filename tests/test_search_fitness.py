@@ -30,8 +30,8 @@ class SyntheticFitness:
         self.keep, self.levels = keep, levels
         self.targets: list[list[int]] = []
         self.merge_targets: list[dict[int, torch.Tensor]] = []
-        self._rows: list[torch.Tensor] = []  # [E, E]: row e = merging target of good expert e
-        self._good: list[torch.Tensor] = []  # [E] bool
+        self._rows: list[np.ndarray] = []  # [E, E]: row e = merging target of good expert e
+        self._good: list[np.ndarray] = []  # [E] bool
         for _ in range(num_layers):
             good = sorted(int(e) for e in rng.choice(num_experts, keep, replace=False))
             rows = {}
@@ -44,8 +44,8 @@ class SyntheticFitness:
             mask[good] = True
             self.targets.append(good)
             self.merge_targets.append(rows)
-            self._rows.append(table)
-            self._good.append(mask)
+            self._rows.append(table.numpy())
+            self._good.append(mask.numpy())
 
     def score(self, candidate: Candidate) -> float:
         """The candidate's synthetic score in 0..1."""
@@ -53,12 +53,13 @@ class SyntheticFitness:
         for layer, (m, r) in enumerate(
             zip(candidate.expert_merge, candidate.router_map, strict=True)
         ):
-            dominant = m.argmax(dim=1)  # [keep]
+            m, r = m.numpy(), r.numpy()
+            dominant = m.argmax(axis=1)  # [keep]
             hit = self._good[layer][dominant]
             target = self._rows[layer][dominant]  # [keep, E]
-            dist = ((m - target) ** 2).sum(dim=1) + ((r - target) ** 2).sum(dim=1)
-            overlap += dominant[hit].unique().numel() / self.keep
-            close += float((torch.exp(-dist / 2) * hit).sum()) / m.shape[0]
+            dist = ((m - target) ** 2).sum(axis=1) + ((r - target) ** 2).sum(axis=1)
+            overlap += len(set(dominant[hit].tolist())) / self.keep
+            close += float((np.exp(-dist / 2) * hit).sum()) / m.shape[0]
         layers = candidate.num_layers
         raw = 0.7 * overlap / layers + 0.3 * close / layers
         return round(raw * self.levels) / self.levels if self.levels else raw

@@ -97,7 +97,15 @@ class EEPStrategy(BaseStrategy):
             if len(self._state.pending) >= self.settings.init_population:
                 return None
             return self._random_init()
-        return self._breed(ranked)
+        # Most pruning-phase children are exact copies of their parent (few flags, few rows
+        # re-picked); those are duplicates anyway, so re-breed before building a Candidate.
+        for _ in range(self.settings.max_duplicate_tries):
+            genome, parents, operator, unchanged = self._breed(ranked)
+            if not unchanged:
+                break
+        phase = "merge" if self.evaluations > self.settings.discrete_iter else "prune"
+        groups = self.groups.num_groups
+        return self._candidate(genome[:groups], genome[groups:], phase, parents, operator=operator)
 
     def _strategy_state(self) -> dict:
         return {
@@ -152,7 +160,10 @@ class EEPStrategy(BaseStrategy):
             self._genomes[candidate.id] = genome
         return genome
 
-    def _breed(self, ranked: list[Evaluated]) -> Candidate:
+    def _breed(
+        self, ranked: list[Evaluated]
+    ) -> tuple[list[torch.Tensor], tuple[str, ...], str, bool]:
+        """One child: (genome, parent ids, operator, whether it equals its mutation parent)."""
         s = self.settings
         groups = self.groups.num_groups
         scores = [e.score for e in ranked]
@@ -163,6 +174,7 @@ class EEPStrategy(BaseStrategy):
         # The authors draw the crossover coin for every child, in the pruning phase too.
         crossover_coin = self._rng.random() < s.crossover_prob
         genome: list[torch.Tensor] | None = None
+        parent_genome: list[torch.Tensor] | None = None
         operator = "mutate"
         if merging and crossover_coin:
             pair = select_crossover_parents(
@@ -188,7 +200,8 @@ class EEPStrategy(BaseStrategy):
                 self._rng,
             )
             parent = ranked[index].candidate
-            genome = [t.clone() for t in self._genome(parent)]
+            parent_genome = self._genome(parent)
+            genome = [t.clone() for t in parent_genome]
             parents = (parent.id,)
         if merging:
             genome = continuous_mutate(genome, flags, s.mutate_prob, s.mutate_scale, self._rng)
@@ -201,8 +214,10 @@ class EEPStrategy(BaseStrategy):
         if self._rng.random() < s.norm_prob:
             genome = normalise_rows(genome[:groups]) + genome[groups:]
             operator += "+norm"
-        phase = "merge" if merging else "prune"
-        return self._candidate(genome[:groups], genome[groups:], phase, parents, operator=operator)
+        unchanged = parent_genome is not None and all(
+            torch.equal(a, b) for a, b in zip(genome, parent_genome, strict=True)
+        )
+        return genome, parents, operator, unchanged
 
 
 # --------------------------------------------------------------------------------- operators
@@ -358,10 +373,9 @@ def select_crossover_parents(
 def _check_discrete(genome: Sequence[torch.Tensor], groups: int, parent: str) -> None:
     """A pruning-phase parent must be pure pruning: one-hot rows, distinct experts, M == R."""
     for g in range(groups):
-        m, r = genome[g], genome[groups + g]
-        one_hot = bool(((m == 0) | (m == 1)).all() and (m.sum(dim=1) == 1).all())
-        distinct = one_hot and bool((m.sum(dim=0) <= 1).all())
-        if not (one_hot and distinct and torch.equal(m, r)):
+        m, r = genome[g].numpy(), genome[groups + g].numpy()
+        one_hot = bool(((m == 0) | (m == 1)).all() and (m.sum(axis=1) == 1).all())
+        if not (one_hot and (m.sum(axis=0) <= 1).all() and np.array_equal(m, r)):
             raise ValueError(
                 f"pruning-phase parent {parent!r} is not pure pruning in group {g}; was "
                 "discrete_iter lowered on resume?"

@@ -138,11 +138,13 @@ def dedup_key(candidate: Candidate) -> str:
         json.dumps([candidate.num_experts, candidate.top_k, candidate.router_mapping]).encode()
     )
     for r, m in zip(candidate.router_map, candidate.expert_merge, strict=True):
-        # + 0.0 folds -0.0 into 0.0; rows sorted lexicographically on (M row, R row).
-        rows = torch.cat([m, r], dim=1).to(torch.float32).numpy() + 0.0
-        order = np.lexsort(rows.T[::-1])
+        # Row i is (M[i], R[i]) as float32 bytes (+ 0.0 folds -0.0 into 0.0); sorting the rows'
+        # bytes is an arbitrary but fixed order, which is all a canonical form needs.
+        rows = np.concatenate([m.numpy(), r.numpy()], axis=1) + np.float32(0.0)
+        width = rows.shape[1] * rows.itemsize
+        raw = rows.tobytes()
         h.update(str(rows.shape).encode())
-        h.update(np.ascontiguousarray(rows[order]).tobytes())
+        h.update(b"".join(sorted(raw[i : i + width] for i in range(0, len(raw), width))))
     return h.hexdigest()[:20]
 
 
