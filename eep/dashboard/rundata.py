@@ -232,6 +232,13 @@ class RunView:
             self._config_mtime = mtime
         return self._config or {}
 
+    def config_text(self) -> str:
+        """config.yaml as written ('' when missing)."""
+        try:
+            return (self.path / CONFIG_FILE).read_text()
+        except FileNotFoundError:
+            return ""
+
     def budget(self) -> int | None:
         """Search evaluations the campaign will run: strategy total_iter + 1 or budget, capped."""
         cfg = self.config()

@@ -249,7 +249,9 @@ def start_dashboard(
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
     server = make_server(list(run_dirs), host, port, roots)
-    thread = threading.Thread(target=server.serve_forever, name="eep-dashboard", daemon=True)
+    # A short poll interval lets shutdown() return at once.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="eep-dashboard",
+                              daemon=True)
     thread.start()
     return server, server.url
 

@@ -1,0 +1,283 @@
+"""Dashboard server and run view: JSON API, live reading, read-only, refusals (no browser)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from fixtures.runs.synthetic import SyntheticRun
+
+from eep.cli import main as eep_main
+from eep.dashboard import dashboard_hint, start_dashboard
+from eep.dashboard.rundata import RunView, unique_names
+from eep.dashboard.server import RunSet
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN/Infinity, as a browser's JSON.parse does."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def request(url: str, path: str, method: str = "GET", headers: dict | None = None):
+    """A raw request (the path is sent exactly as given, no normalisation)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.putrequest(method, path, skip_host=True)
+    for key, value in ({"Host": parts.netloc} | (headers or {})).items():
+        conn.putheader(key, value)
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body, dict(response.getheaders())
+
+
+def get_json(url: str, path: str):
+    status, body, headers = request(url, path)
+    assert status == 200, (path, status, body[:200])
+    assert headers["Content-Type"] == "application/json"
+    return _strict(body.decode())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> SyntheticRun:
+    run = SyntheticRun(tmp_path_factory.mktemp("runs") / "finished", total_iter=59, candidates="all")
+    run.append(60)
+    run.finish()
+    return run
+
+
+@pytest.fixture
+def live_run(tmp_path) -> SyntheticRun:
+    run = SyntheticRun(tmp_path / "live", total_iter=99, start=time.time() - 100)
+    run.append(30)
+    return run
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def _serve(*run_dirs, **kwargs):
+        server, url = start_dashboard(list(run_dirs), port=0, **kwargs)
+        servers.append(server)
+        return url
+
+    yield _serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def snapshot(path: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------- API
+def test_runs_lists_name_path_status_counts_best(serve, finished_run, live_run):
+    url = serve(finished_run.path, live_run.path)
+    runs = get_json(url, "/api/runs")
+    assert [r["name"] for r in runs] == ["finished", "live"]
+    done, live = runs
+    assert done["path"] == str(finished_run.path)
+    assert done["status"] == "finished" and live["status"] == "running"
+    assert done["counts"]["search"] == 60 and done["counts"]["splits"] == {"search": 60, "dev": 1, "test": 5}
+    assert done["budget"] == 60
+    assert done["best"]["id"] == finished_run.best_id
+    assert done["best"]["score"] == pytest.approx(finished_run.best)
+    assert live["counts"]["search"] == 30 and live["budget"] == 100
+
+
+def test_evaluations_since_offset_and_nan_as_null(serve, finished_run):
+    url = serve(finished_run.path)
+    everything = get_json(url, "/api/runs/finished/evaluations")
+    assert everything["since"] == 0 and everything["next"] == everything["total"] == 66
+    records = everything["records"]
+    assert records[0]["id"] == "eep-00000" and records[-1]["split"] == "test"
+    failed = [r for r in records if r["error"]]
+    assert failed and all(r["score"] is None for r in failed)  # NaN in the file, null on the wire
+    tail = get_json(url, "/api/runs/finished/evaluations?since=50")
+    assert tail["since"] == 50 and len(tail["records"]) == 16 and tail["records"] == records[50:]
+    page = get_json(url, "/api/runs/finished/evaluations?since=10&limit=5")
+    assert [r["id"] for r in page["records"]] == [r["id"] for r in records[10:15]] and page["next"] == 15
+    cols = get_json(url, "/api/runs/finished/evaluations?since=60&format=columns")
+    assert cols["columns"]["split"] == ["dev"] + ["test"] * 5
+    assert len(cols["columns"]["score"]) == 6
+    status, _, _ = request(url, "/api/runs/finished/evaluations?since=x")
+    assert status == 400
+
+
+def test_best_has_matrices_of_the_best_search_candidate(serve, finished_run):
+    url = serve(finished_run.path)
+    best = get_json(url, "/api/runs/finished/best")
+    assert best["id"] == finished_run.best_id and best["score"] == pytest.approx(finished_run.best)
+    assert best["num_experts"] == 8 and best["keep"] == [2, 2, 2, 2]
+    assert len(best["layers"]) == 4
+    for layer in best["layers"]:
+        for key in ("router_map", "expert_merge"):
+            assert len(layer[key]) == 2 and all(len(row) == 8 for row in layer[key])
+    assert len(best["kept"]) == 4
+
+
+def test_summary_progress_phase_boundary_workers_final(serve, finished_run):
+    url = serve(finished_run.path)
+    s = get_json(url, "/api/runs/finished/summary")
+    assert s["progress"]["done"] == 60 and s["progress"]["budget"] == 60 and s["progress"]["fraction"] == 1
+    assert s["phase_boundary"] == finished_run.discrete  # first record with phase "merge"
+    assert s["config"]["strategy"] == "eep" and s["config"]["keep"] == 2
+    assert [w["worker"] for w in s["workers"]] == ["worker-0", "worker-1", "worker-2"]
+    assert sum(w["evaluations"] for w in s["workers"]) == 66
+    assert all(0 < w["utilisation"] <= 1 and w["per_min"] > 0 for w in s["workers"])
+    assert s["final"]["methods"]["eep"]["id"] == finished_run.best_id
+    assert s["held_out"]["dev"][0]["at"] == int(finished_run.best_id.split("-")[1])
+    scores = [step[2] for step in s["best_steps"]]
+    assert scores == sorted(scores) and scores[-1] == pytest.approx(finished_run.best)
+
+
+def test_live_run_updates_and_eta(serve, live_run):
+    url = serve(live_run.path)
+    first = get_json(url, "/api/runs/live/evaluations?format=columns")
+    assert first["next"] == 30
+    live_run.append(5, wall=True)
+    later = get_json(url, f"/api/runs/live/evaluations?since={first['next']}&format=columns")
+    assert later["since"] == 30 and later["next"] == 35 and len(later["columns"]["id"]) == 5
+    s = get_json(url, "/api/runs/live/summary")
+    assert s["status"] == "running"
+    assert s["progress"]["rate_per_min"] > 0 and s["progress"]["eta_seconds"] > 0
+
+
+def test_torn_last_line_waits_and_is_never_repaired(tmp_path, live_run):
+    path = live_run.path / "evaluations.jsonl"
+    view = RunView(live_run.path)
+    view.refresh()
+    whole = path.read_bytes()
+    line = json.dumps({"id": "eep-00030", "split": "search", "phase": "prune", "score": 0.9,
+                       "worker": "worker-0", "seconds": 1.0, "time": time.time()}) + "\n"
+    with open(path, "ab") as f:
+        f.write(line[:25].encode())  # the campaign is mid-write
+    assert view.records_since(0)["total"] == 30
+    assert path.read_bytes() == whole + line[:25].encode()  # not truncated
+    with open(path, "ab") as f:
+        f.write(line[25:].encode())
+    assert view.records_since(30)["records"][0]["id"] == "eep-00030"
+    assert view.overview()["best"]["score"] == 0.9
+
+
+def test_a_new_campaign_in_the_same_directory_is_read_from_the_start(live_run):
+    view = RunView(live_run.path)
+    assert view.records_since(0)["total"] == 30
+    (live_run.path / "evaluations.jsonl").write_text(json.dumps({"id": "x", "split": "search", "score": 0.1}) + "\n")
+    assert view.records_since(0)["total"] == 1
+
+
+def test_serving_never_writes_to_the_run(serve, finished_run, live_run):
+    with open(live_run.path / "evaluations.jsonl", "a") as f:
+        f.write('{"id": "eep-00030", "split": "sea')  # torn: RunLog.open would truncate it
+    before = snapshot(finished_run.path) | snapshot(live_run.path)
+    url = serve(finished_run.path, live_run.path)
+    for name in ("finished", "live"):
+        for what in ("evaluations", "evaluations?format=columns", "best", "summary"):
+            request(url, f"/api/runs/{name}/{what}")
+    request(url, "/api/runs")
+    assert snapshot(finished_run.path) | snapshot(live_run.path) == before
+
+
+# --------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("path", [
+    "/static/../server.py",
+    "/static/..%2fserver.py",
+    "/static/%2e%2e/%2e%2e/pyproject.toml",
+    "/static/",
+    "/static/sub/app.js",
+    "/../../../../etc/passwd",
+    "/..%2f..%2f..%2fetc%2fpasswd",
+    "//etc/passwd",
+    "/api/runs/..%2f..%2fetc/evaluations",
+    "/api/runs/../summary",
+    "/api/runs/finished/../../config.yaml",
+    "/api/runs/finished/candidates",
+    "/api/runs/nope/summary",
+    "/api/runs/finished/config.yaml",
+    "/finished/config.yaml",
+])
+def test_path_traversal_and_unknown_paths_are_refused(serve, finished_run, path):
+    url = serve(finished_run.path)
+    status, body, _ = request(url, path)
+    assert status == 404
+    assert b"root:" not in body and b"model:" not in body and b"import" not in body
+
+
+def test_static_files_and_security_headers(serve, finished_run):
+    url = serve(finished_run.path)
+    status, body, headers = request(url, "/")
+    assert status == 200 and b"eep dashboard" in body and b"http" not in body.replace(b"http-equiv", b"")
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    status, body, headers = request(url, "/static/app.js")
+    assert status == 200 and "javascript" in headers["Content-Type"]
+
+
+def test_page_needs_no_internet():
+    static = Path(__file__).parents[1] / "eep" / "dashboard" / "static"
+    for path in static.iterdir():
+        text = path.read_text()
+        assert "http://" not in text and "https://" not in text, f"{path.name} loads something remote"
+
+
+def test_writes_and_foreign_hosts_are_refused(serve, finished_run):
+    url = serve(finished_run.path)
+    assert request(url, "/api/runs", method="POST")[0] == 405
+    assert request(url, "/api/runs", method="DELETE")[0] == 405
+    assert request(url, "/api/runs", headers={"Host": "evil.example:8266"})[0] == 403  # DNS rebinding
+    assert request(url, "/api/runs", headers={"Host": f"localhost:{urlsplit(url).port}"})[0] == 200
+
+
+def test_binds_loopback_by_default(serve, finished_run):
+    url = serve(finished_run.path)
+    assert urlsplit(url).hostname == "127.0.0.1"
+
+
+def test_candidate_ids_cannot_name_other_files(finished_run):
+    view = RunView(finished_run.path)
+    for bad in ("../config", "../../etc/passwd", "/etc/passwd", ".hidden", "a/b", ""):
+        assert view.candidate(bad) is None
+    assert view.candidate(finished_run.best_id)["num_experts"] == 8
+
+
+# --------------------------------------------------------------------------------- names, roots, CLI
+def test_unique_names_for_runs_with_the_same_folder_name(tmp_path):
+    paths = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "c" / "my run!"]
+    assert unique_names(paths) == ["run", "run-2", "my_run_"]
+
+
+def test_runs_created_later_under_a_root_appear(tmp_path):
+    runs = RunSet([], roots=[tmp_path])
+    assert runs.views() == []
+    SyntheticRun(tmp_path / "later", total_iter=9).append(3)
+    assert [v.name for v in runs.views()] == ["later"]
+    assert runs.get("later").overview()["counts"]["search"] == 3
+
+
+def test_hint_names_the_command_and_url():
+    assert dashboard_hint("runs/tiny") == "watch it live: eep dashboard runs/tiny  ->  http://127.0.0.1:8266"
+
+
+def test_cli_refuses_what_is_not_a_run_directory(tmp_path, capsys):
+    assert eep_main(["dashboard", str(tmp_path / "missing")]) == 2
+    assert eep_main(["dashboard", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_waiting_run_without_files(tmp_path):
+    view = RunView(tmp_path / "not-yet")
+    assert view.overview()["status"] == "waiting"
+    assert view.best() is None
+    summary = view.summary()
+    assert summary["progress"]["done"] == 0 and not math.isnan(summary["progress"]["elapsed"])
