@@ -32,8 +32,14 @@ class WorkerSpec:
     originals_on_cpu: bool = False
     threads: int | None = None
     trust_remote_code: bool = False
+    # "auto": one replica spread over every visible GPU (a Ray actor given several GPUs).
+    device_map: str | None = None
     # Splits each worker prepares; the search split is the one candidates are scored on.
     splits: tuple[str, ...] = ("search",)
+
+
+class PoolError(RuntimeError):
+    """The pool cannot go on (e.g. every worker lost); the run directory stays resumable."""
 
 
 @dataclass
@@ -134,7 +140,10 @@ def build_evaluators(spec: WorkerSpec) -> dict:
     device = spec.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_model(spec.model, device=device, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+    loaded = load_model(
+        spec.model, device=device, dtype=spec.dtype, device_map=spec.device_map,
+        trust_remote_code=spec.trust_remote_code,
+    )
     task = TaskSpec.from_dict(spec.task)
     first = Evaluator(loaded, task, split=spec.splits[0], device=device, batch_size=spec.batch_size)
     evaluators = {spec.splits[0]: first}

@@ -1,0 +1,329 @@
+"""RayPool on a real local Ray: steady state, faults (killed actors), elasticity, campaigns.
+
+One Ray cluster for the whole module (start-up costs seconds): a head with 2 CPUs, to which the
+elasticity test adds and removes a 1-CPU node. Most tests use a fake evaluator (a sleep and a
+score from the candidate's hash) so that they measure the pool, not the model; one campaign runs
+the real Evaluator on a tiny random Mixtral with the character tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from eep.builtin.tokenizer import build_tokenizer  # noqa: E402
+from eep.campaign import Campaign, run_campaign  # noqa: E402
+from eep.candidate import Candidate  # noqa: E402
+from eep.config import config_from_dict  # noqa: E402
+from eep.distributed import ray_runtime  # noqa: E402
+from eep.distributed.pool import Job, PoolError, WorkerSpec  # noqa: E402
+from eep.distributed.ray_pool import RayPool, actor_demand, actors_that_fit  # noqa: E402
+from eep.models.testing import tiny_model  # noqa: E402
+from eep.result import FitnessResult  # noqa: E402
+from eep.runlog import RunLog  # noqa: E402
+
+# Fake evaluators travel to the actors by value: the workers cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SPLITS = ("search", "dev", "test")
+
+
+class FakeEvaluator:
+    """Sleeps `seconds`, scores by hash; raises for candidates whose id is in `raise_for`,
+    and kills its own process for ids in `exit_for` (a worker lost mid-evaluation)."""
+
+    def __init__(self, split: str, seconds: float, raise_for=(), exit_for=()):
+        self.split, self.seconds = split, seconds
+        self.raise_for, self.exit_for = set(raise_for), set(exit_for)
+
+    def evaluate(self, candidate):
+        cid = "full" if candidate is None else candidate.id
+        if cid in self.exit_for:
+            os._exit(1)
+        if cid in self.raise_for:
+            raise ValueError(f"cannot score {cid}")
+        time.sleep(self.seconds)
+        key = "full" if candidate is None else candidate.content_hash()
+        score = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+        return FitnessResult(score=score, metric="acc", count=10, seconds=self.seconds, split=self.split)
+
+
+def fake_build(seconds: float = 0.05, raise_for=(), exit_for=(), fail: str | None = None):
+    """A `build` for RayPool: fake evaluators instead of a model."""
+
+    def build(spec: WorkerSpec) -> dict:
+        if fail:
+            raise FileNotFoundError(fail)
+        return {s: FakeEvaluator(s, seconds, raise_for, exit_for) for s in spec.splits}
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray cluster on loopback: a 2-CPU head, nodes added by tests."""
+    ray_runtime.use_loopback()
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Mixtral with the built-in character tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    tiny_model("mixtral", num_layers=2).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def make_config(model_dir, run_dir, workers=2, **extra):
+    data = {
+        "name": "ray-test",
+        "model": model_dir,
+        "task": {"name": "add", "source": {"kind": "builtin", "name": "add"},
+                 "splits": {"search": 10, "dev": 10, "test": 10}},
+        "keep": 4,
+        "strategy": {"kind": "eep", "init_population": 6, "discrete_iter": 12, "total_iter": 24, "dev_top": 3},
+        "final": {"random_baselines": 2},
+        "workers": workers,
+        "resources": {"num_cpus": 1},
+        "evaluation": {"device": "cpu", "threads": 1},
+        "output": {"run_dir": str(run_dir), "export": False, "checkpoint_every": 5},
+    }
+    data.update(extra)
+    return config_from_dict(data)
+
+
+def spec_of(config) -> WorkerSpec:
+    return WorkerSpec(model=config.model, task=config.task.model_dump(mode="json"), splits=SPLITS)
+
+
+def candidate(i: int, generator=None) -> Candidate:
+    import torch
+
+    generator = generator or torch.Generator().manual_seed(i)
+    return Candidate.random_pruning(2, 8, 4, generator, id=f"c{i:03d}")
+
+
+def drain(pool: RayPool) -> list[Job]:
+    done = []
+    while pool.in_flight:
+        done += pool.wait(timeout=60)
+    return done
+
+
+def grow_until(pool: RayPool, workers: int, seconds: float = 120) -> None:
+    """Let the pool start actors (and wait for them to load) until `workers` are idle."""
+    deadline = time.monotonic() + seconds
+    while pool.size < workers or pool.idle() < workers:
+        pool.wait(timeout=0.3)
+        assert time.monotonic() < deadline, f"pool has {pool.size} actors, {pool.idle()} ready"
+
+
+def search_records(run_dir) -> list[dict]:
+    return [r for r in RunLog.open(run_dir).records if r["split"] == "search"]
+
+
+# ---------------------------------------------------------------------------------- pure logic
+@pytest.mark.parametrize(
+    ("available", "demand", "wanted", "reserved", "expected"),
+    [
+        ({"CPU": 2.0}, {"CPU": 1.0}, 4, 0, 2),
+        ({"CPU": 2.0}, {"CPU": 1.0}, 1, 0, 1),
+        ({"CPU": 2.0}, {"CPU": 1.0}, 4, 1, 1),
+        ({"CPU": 16.0, "GPU": 8.0}, {"CPU": 2.0, "GPU": 2.0}, 8, 0, 4),  # GPUs bind
+        ({"CPU": 16.0, "GPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}, 8, 0, 4),  # CPUs bind
+        ({"CPU": 16.0}, {"CPU": 1.0, "GPU": 1.0}, 2, 0, 0),  # no GPU in the cluster
+        ({"CPU": 4.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 0.5}, 4, 0, 2),  # two replicas per GPU
+        ({"CPU": 8.0, "memory": 100 * 2**30}, actor_demand(1, 0, 40), 8, 0, 2),
+        ({"CPU": 0.9999999999}, {"CPU": 1.0}, 1, 0, 1),  # float noise in Ray's view
+        ({"CPU": 2.0}, {"CPU": 1.0}, 0, 0, 0),
+    ],
+)
+def test_actors_that_fit(available, demand, wanted, reserved, expected):
+    assert actors_that_fit(available, demand, wanted, reserved) == expected
+
+
+def test_actor_demand_names_ray_resources():
+    assert actor_demand(1, 0, None) == {"CPU": 1.0}
+    assert actor_demand(8, 2, 64) == {"CPU": 8.0, "GPU": 2.0, "memory": 64 * 2**30}
+
+
+def test_cluster_address(monkeypatch):
+    for key in ("RAY_ADDRESS", ray_runtime.JOB_ENV):
+        monkeypatch.delenv(key, raising=False)
+    assert ray_runtime.cluster_address() is None  # a local Ray
+    assert ray_runtime.cluster_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert ray_runtime.cluster_address() == "10.0.0.2:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # what `ray job submit` reads
+    assert ray_runtime.cluster_address() == "auto"
+    monkeypatch.setenv(ray_runtime.JOB_ENV, "{}")
+    assert ray_runtime.cluster_address() == "auto"  # inside a submitted job
+
+
+def test_loopback_env(monkeypatch):
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    ray_runtime.use_loopback()
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    from ray._private import ray_constants
+
+    assert ray_constants.ENABLE_RAY_CLUSTER is False
+
+
+# ---------------------------------------------------------------------------------- the pool
+@pytest.mark.slow
+def test_steady_state_and_python_errors(cluster, model_dir, tmp_path):
+    cfg = make_config(model_dir, tmp_path / "run")
+    pool = RayPool(spec_of(cfg), cfg, build=fake_build(seconds=0.2, raise_for={"c001"}),
+                   poll_seconds=0.1)
+    try:
+        grow_until(pool, 2)  # the second actor may still be loading
+        assert pool.size == 2 and pool.in_flight == 0
+        jobs = [Job(candidate(i)) for i in range(6)]
+        for job in jobs:
+            pool.submit(job)
+        assert pool.in_flight == 6 and pool.idle() == 0
+        done = drain(pool)
+        assert sorted(j.candidate.id for j in done) == [j.candidate.id for j in jobs]
+        assert {j.worker for j in done} == {"ray-0", "ray-1"}  # both actors worked
+        by_id = {j.candidate.id: j.result for j in done}
+        # a Python error is a failed result; the actor lives on
+        assert by_id["c001"].failed and "ValueError: cannot score c001" in by_id["c001"].error
+        assert not any(r.failed for cid, r in by_id.items() if cid != "c001")
+        assert pool.actors.keys() == {"ray-0", "ray-1"}
+    finally:
+        pool.close()
+
+
+@pytest.mark.slow
+def test_constructor_error_is_reported_not_retried(cluster, model_dir, tmp_path):
+    cfg = make_config(model_dir, tmp_path / "run", workers=1)
+    with pytest.raises(PoolError, match="could not start|no such model"):
+        RayPool(spec_of(cfg), cfg, build=fake_build(fail="no such model"), poll_seconds=0.1)
+
+
+@pytest.mark.slow
+def test_a_candidate_that_kills_every_worker_is_recorded_failed(cluster, model_dir, tmp_path):
+    cfg = make_config(model_dir, tmp_path / "run", workers=1)
+    pool = RayPool(spec_of(cfg), cfg, build=fake_build(exit_for={"c001"}), poll_seconds=0.1,
+                   max_restarts=5, max_attempts=2)
+    try:
+        for i in range(3):
+            pool.submit(Job(candidate(i)))
+        done = {j.candidate.id: j for j in drain(pool)}
+        assert done.keys() == {"c000", "c001", "c002"}
+        assert "WorkerLost" in done["c001"].result.error and done["c001"].worker == "lost"
+        assert not done["c002"].result.failed
+        assert pool.size == 1  # replaced twice
+    finally:
+        pool.close()
+
+
+class KillingPool(RayPool):
+    """Kills the actor that takes the N-th submitted job, for each N in `kill_at` (in flight)."""
+
+    def __init__(self, *args, kill_at=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kill_at, self.submitted, self.killed = set(kill_at), 0, []
+
+    def submit(self, job):
+        super().submit(job)
+        self.submitted += 1
+        if self.submitted in self.kill_at:
+            for worker in self._workers.values():
+                if worker.job is job:
+                    ray.kill(worker.handle)
+                    self.killed.append(worker.name)
+
+
+@pytest.mark.slow
+def test_campaign_survives_killed_actors(cluster, model_dir, tmp_path):
+    cfg = make_config(model_dir, tmp_path / "run")
+    pool = KillingPool(spec_of(cfg), cfg, build=fake_build(seconds=0.05), poll_seconds=0.1,
+                       kill_at=(3, 12))
+    campaign = Campaign(cfg, quiet=True, pool=pool)
+    result = campaign.run()
+    assert len(pool.killed) == 2
+    search = search_records(tmp_path / "run")
+    # every asked candidate has exactly one search result
+    assert len(search) == campaign.progress.asked == result.summary["search_evaluations"] == 25
+    assert len({r["id"] for r in search}) == len({r["hash"] for r in search}) == 25
+    assert not any(r["error"] for r in search)
+    workers = {r["worker"] for r in RunLog.open(tmp_path / "run").records}
+    assert workers - {"ray-0", "ray-1"}  # replacements worked too
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["search_evaluations"] == 25
+
+
+@pytest.mark.slow
+def test_all_workers_gone_stops_cleanly_and_resumes(cluster, model_dir, tmp_path):
+    cfg = make_config(model_dir, tmp_path / "run")
+    pool = KillingPool(spec_of(cfg), cfg, build=fake_build(seconds=0.05), poll_seconds=0.1,
+                       max_restarts=0, kill_at=(5, 8))
+    with pytest.raises(PoolError, match="every Ray worker is gone"):
+        Campaign(cfg, quiet=True, pool=pool).run()
+    first = search_records(tmp_path / "run")
+    assert 4 <= len(first) < 25
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+    pool = RayPool(spec_of(cfg), cfg, build=fake_build(seconds=0.02), poll_seconds=0.1)
+    result = run_campaign(cfg, resume=True, quiet=True, pool=pool)
+    search = search_records(tmp_path / "run")
+    assert len(search) == len({r["id"] for r in search}) == 25
+    assert result.summary["search_evaluations"] == 25
+
+
+@pytest.mark.slow
+def test_pool_grows_with_the_cluster_and_survives_a_lost_node(cluster, model_dir, tmp_path):
+    cfg = make_config(model_dir, tmp_path / "run", workers=3)
+    pool = RayPool(spec_of(cfg), cfg, build=fake_build(seconds=0.1), poll_seconds=0.2)
+    node = None
+    try:
+        grow_until(pool, 2)  # the head has 2 CPUs: 2 of 3 workers fit
+        for i in range(4):
+            pool.submit(Job(candidate(i)))
+        drain(pool)
+        time.sleep(1.0)
+        assert pool.size == 2  # the third waits for room
+        node = cluster.add_node(num_cpus=1)
+        grow_until(pool, 3)
+        for i in range(4, 40):
+            pool.submit(Job(candidate(i)))
+        done = pool.wait(timeout=30)
+        cluster.remove_node(node, allow_graceful=False)  # the third actor's node goes away
+        node = None
+        done += drain(pool)
+        assert sorted(j.candidate.id for j in done) == [f"c{i:03d}" for i in range(4, 40)]
+        assert {j.worker for j in done} >= {"ray-0", "ray-1", "ray-2"}
+        assert pool.size == 2  # goes on with the head's two
+    finally:
+        if node is not None:
+            cluster.remove_node(node)
+        pool.close()
+
+
+@pytest.mark.slow
+def test_campaign_with_the_real_evaluator(cluster, model_dir, tmp_path):
+    cfg = make_config(model_dir, tmp_path / "run", budget={"max_evaluations": 6},
+                      final={"random_baselines": 1, "dev_top": 2})
+    result = run_campaign(cfg, quiet=True)  # make_pool -> RayPool (workers: 2)
+    records = RunLog.open(tmp_path / "run").records
+    search = [r for r in records if r["split"] == "search"]
+    assert len(search) == 6 and not any(r["error"] for r in search)
+    assert {r["worker"] for r in records} <= {"ray-0", "ray-1"}
+    assert {r["split"] for r in records} == {"search", "dev", "test"}
+    assert result.summary["methods"]["full"]["test"] is not None
