@@ -98,7 +98,9 @@ def test_state_dict_round_trip_continues_identically(make):
     first, driver = make(seed=5), random.Random(2)
     in_flight: list[Candidate] = []
     drive(first, fitness, driver, steps=20, in_flight=in_flight, fail_prob=0.1)
+    in_flight += first.ask(3)
     assert first.evaluations > 10 and not first.done
+    assert first.pending(), "snapshot with results in flight"
     state = first.state_dict()
     _json_leaves_only(state)
     json.dumps(state, default=lambda t: t.tolist())  # JSON apart from the tensors
