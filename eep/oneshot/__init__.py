@@ -1,0 +1,169 @@
+"""One-shot expert pruning (NAEE, frequency, soft activation, REAP, random) and NAEE dynamic skipping.
+
+`oneshot_prune` is the library call behind `eep prune`: load the model, build the calibration
+data, run the method, return an ordinary `Candidate` (phase "oneshot", `extra["method"]`), with
+skipping thresholds calibrated on the pruned model when asked. `seed_candidates` resolves a
+campaign's `init_from` entries: candidate files, or method names run on the task's search split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eep.candidate import Candidate
+from eep.models.families import detect_family, get_num_experts, moe_layers
+from eep.models.loading import LoadedModel, load_model
+from eep.models.surgery import Surgery
+from eep.oneshot.calibration import (
+    Calibration,
+    CalibrationSpec,
+    build_calibration,
+    parse_calibration,
+    task_calibration,
+)
+from eep.oneshot.criteria import CRITERIA, CriteriaScores, criteria_scores, random_candidate
+from eep.oneshot.naee import DEFAULT_MAX_SUBSETS, NAEEResult, naee_prune
+from eep.oneshot.skipping import DEFAULT_QUANTILE, calibrate_thresholds, with_skip_thresholds
+
+log = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("naee", *CRITERIA, "random")
+
+__all__ = [
+    "METHODS",
+    "Calibration",
+    "CalibrationSpec",
+    "OneShotResult",
+    "oneshot_prune",
+    "parse_calibration",
+    "seed_candidates",
+    "task_calibration",
+]
+
+
+@dataclass
+class OneShotResult:
+    """A one-shot pruning and what it took."""
+
+    candidate: Candidate
+    seconds: float
+    calibration_tokens: int = 0
+    naee: NAEEResult | None = None
+    scores: CriteriaScores | None = None
+    skip_thresholds: list[float] | None = None
+
+
+def oneshot_prune(
+    model: str | LoadedModel,
+    method: str,
+    keep: int,
+    calibration: CalibrationSpec | None = None,
+    *,
+    order: str = "layerwise",
+    beam_width: int = 1,
+    max_subsets: int = DEFAULT_MAX_SUBSETS,
+    seed: int = 0,
+    top_k: int | None = None,
+    skip: bool = False,
+    skip_quantile: float = DEFAULT_QUANTILE,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> OneShotResult:
+    """Prune `model` to `keep` experts per MoE layer with `method`; see the module docstring."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+    if calibration is None and (method != "random" or skip):
+        raise ValueError(f"method {method!r}{' with skipping' if skip else ''} needs calibration data")
+    start = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, trust_remote_code=trust_remote_code)
+    net = loaded.model
+    family = detect_family(net.config)
+    num_layers = len(moe_layers(net))
+    num_experts = get_num_experts(net.config, family)
+    data = build_calibration(calibration, net, loaded.tokenizer) if calibration is not None else None
+    described = {"calibration": data.description} if data is not None else {}
+    naee: NAEEResult | None = None
+    scores: CriteriaScores | None = None
+    thresholds: list[float] | None = None
+    if method == "random":
+        candidate = random_candidate(num_layers, num_experts, keep, seed, model_id=loaded.spec)
+    elif method == "naee":
+        naee = naee_prune(net, data, keep, order=order, max_subsets=max_subsets, beam_width=beam_width)
+        candidate = naee.candidate(loaded.spec, beam_width=beam_width, **described)
+    else:
+        scores = criteria_scores(net, data)
+        candidate = scores.candidate(method, keep, loaded.spec, **described)
+    if top_k is not None:
+        candidate = candidate.with_meta(top_k=top_k)
+    if skip:
+        # The authors calibrate beta on the pruned model (naee.md 3.2): apply, measure, restore.
+        surgery = Surgery(net)
+        surgery.apply(candidate)
+        try:
+            thresholds = calibrate_thresholds(net, data, skip_quantile)
+        finally:
+            surgery.restore()
+        candidate = with_skip_thresholds(candidate, thresholds, skip_quantile)
+    seconds = time.perf_counter() - start
+    log.info("%s keep=%d: %s (%.1f s)", method, keep, candidate.kept_experts(), seconds)
+    return OneShotResult(
+        candidate=candidate,
+        seconds=seconds,
+        calibration_tokens=data.tokens if data is not None else 0,
+        naee=naee,
+        scores=scores,
+        skip_thresholds=thresholds,
+    )
+
+
+def seed_candidates(
+    entries: Sequence[str],
+    model: str,
+    task: Any,
+    keep: int,
+    out_dir: str | Path,
+    top_k: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> list[Candidate]:
+    """Candidates for a search's `init_from`: files as they are, method names run on `task`'s search split.
+
+    A method's candidate is written to `out_dir/init_<method>.safetensors` and read back from
+    there when it exists, so a resumed campaign does not recompute (or change) its seeds.
+    """
+    out_dir = Path(out_dir)
+    loaded: LoadedModel | None = None
+    out = []
+    for entry in entries:
+        if entry not in METHODS:
+            if not Path(entry).is_file():
+                raise ValueError(
+                    f"init_from entry {entry!r} is neither a candidate file nor a one-shot method "
+                    f"({', '.join(METHODS)})"
+                )
+            out.append(Candidate.load(entry))
+            continue
+        path = out_dir / f"init_{entry}.safetensors"
+        if path.is_file():
+            out.append(Candidate.load(path))
+            continue
+        if loaded is None:
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            loaded = load_model(model, device, dtype, trust_remote_code=trust_remote_code)
+        spec = None if entry == "random" else task_calibration(task)
+        result = oneshot_prune(loaded, entry, keep, spec, seed=seed, top_k=top_k)
+        candidate = result.candidate.with_meta(id=f"init-{entry}")
+        candidate.save(path)
+        out.append(candidate)
+    return out

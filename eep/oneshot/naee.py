@@ -1,0 +1,431 @@
+"""NAEE expert pruning: per MoE layer, keep the experts whose block output best reconstructs the full one.
+
+Objective, as the authors coded it (naee.md 2.3): for a dropped set D of a layer,
+
+    L(D) = sum over calibration batches b of || Z_b - Z^_b(D) ||_F      (not squared)
+
+where Z_b is the layer's routed output on batch b's real tokens and Z^_b(D) the output of the same
+layer with D pruned (softmax over the kept experts' logits, top-k, the family's renormalisation).
+Enumeration goes over dropped tuples in `itertools.combinations` order and the first minimum wins
+(the authors' `min` over an insertion-ordered dict); kept = sorted complement.
+
+How it is computed (naee.md 2.11): a token's expert outputs f_e(x) do not depend on the subset, so
+every expert runs once per token (through the experts module's own code) and all subsets are
+scored from the per-token Gram matrix G = F F^T [E, E] (F = [f_1(x) .. f_E(x)]): the routed
+output of subset S is w_S^T F with w_S the subset's dense routing weights [E], so
+
+    ||w_full^T F - w_S^T F||^2 = (w_full - w_S)^T G (w_full - w_S)
+
+costs O(E^2) per token and subset instead of O(k d). Squared errors are accumulated per batch in
+float64 and the square root taken per batch, which reproduces the reference objective. Tokens
+whose routing a subset leaves unchanged contribute exactly 0, as in the reference. The reference
+rounds Z and Z^ to bfloat16; this runs in the model's dtype for f_e and float64 for the sums, so
+near-ties can rank differently from the reference.
+
+Orders (naee.md 2.5):
+- `layerwise` (the authors' default): every layer from passes of the unpruned model, independently.
+- `progressive`: layer l is chosen on inputs produced by the model with layers < l already pruned,
+  against the unpruned model's outputs. Per batch, one forward of the unpruned model up to layer l
+  captures the target and one forward with the earlier layers pruned (their routers restricted to
+  the kept experts: exactly what the sliced model computes) gives the inputs; nothing is cached.
+
+Many experts (Qwen/OLMoE: 60-64): when C(E, keep) exceeds `max_subsets`, a beam search over
+dropped sets replaces enumeration: start from D = {}, add one expert per step, score every
+extension of every beam state (at most beam_width * E subsets), keep the `beam_width` best
+(ties: the lexicographically first dropped tuple). Greedy is beam_width 1. Each step needs the
+statistics of all tokens again, so it is one more pass over the calibration data (memory stays
+flat): E - keep passes in all, each costing a model forward plus E/top_k times the usual expert
+compute per layer, plus O(beam_width * E * E^2) per token for the subset scores. In layerwise order
+all layers advance together in the same passes; progressive order needs those passes per layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from eep.candidate import Candidate
+from eep.models.families import MoEFamily, MoELayer, detect_family, get_num_experts, moe_layers
+from eep.oneshot.calibration import (
+    Calibration,
+    LayerCall,
+    all_expert_outputs,
+    stream_layer_calls,
+)
+
+log = logging.getLogger(__name__)
+
+Order = Literal["layerwise", "progressive"]
+ORDERS: tuple[str, ...] = ("layerwise", "progressive")
+DEFAULT_MAX_SUBSETS = 20_000  # C(16, 8) = 12,870 is still enumerated; C(32, 16) is not
+DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of expert outputs / subset weights
+
+
+class NAEEError(ValueError):
+    """A model or setting NAEE cannot handle."""
+
+
+# ----------------------------------------------------------------------------------- routing
+
+
+class SubsetRouter:
+    """A softmax router restricted to subsets of its experts, computed from its E-wide logits.
+
+    Pruning a softmax router (slicing its gate rows) gives: softmax over the kept experts' logits,
+    top-k, then the family's renormalisation (or none), a `routed_scaling_factor` if the router has
+    one, and the family's cast of the weights to the logits' dtype.
+    """
+
+    def __init__(self, layer: MoELayer, family: MoEFamily, config) -> None:
+        if family.scoring != "softmax":
+            raise NAEEError(
+                f"{family.name} scores experts with a {family.scoring}: NAEE's subset routing is "
+                "implemented for softmax routers"
+            )
+        self.top_k = int(layer.gate.top_k)
+        self.renormalize = family.renormalizes(config)
+        self.cast = family.cast_weights
+        self.scale = float(getattr(layer.gate, "routed_scaling_factor", 1.0) or 1.0)
+
+    def route(self, logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k index and weights for every kept-set row of `keep` [C, E]: [C, N, k] each."""
+        masked = logits.float().unsqueeze(0).masked_fill(~keep[:, None, :], float("-inf"))  # [C, N, E]
+        top_logits, index = torch.topk(masked, self.top_k, dim=-1)  # [C, N, k]
+        if self.renormalize:
+            # Renormalised top-k weights are a softmax over the top-k logits alone (the kept set's
+            # softmax denominator cancels), so subsets with the same top-k give identical weights.
+            weights = torch.softmax(top_logits, dim=-1)
+        else:
+            weights = torch.exp(top_logits - torch.logsumexp(masked, dim=-1, keepdim=True))
+        if self.scale != 1.0:
+            weights = weights * self.scale
+        if self.cast:
+            weights = weights.to(logits.dtype).float()
+        return index, weights
+
+    def dense(self, logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Routing weights as dense float64 vectors over all E experts: [C, N, E]."""
+        index, weights = self.route(logits, keep)
+        out = torch.zeros((*index.shape[:2], logits.shape[-1]), dtype=torch.float64, device=logits.device)
+        return out.scatter_(2, index, weights.double())
+
+    def check(self, call: LayerCall) -> None:
+        """Raise NAEEError unless routing with every expert kept reproduces the model's router."""
+        full = torch.ones((1, call.logits.shape[-1]), dtype=torch.bool, device=call.logits.device)
+        index, weights = self.route(call.logits, full)
+        ours = torch.zeros_like(call.logits, dtype=torch.float64).scatter_(1, index[0], weights[0].double())
+        theirs = torch.zeros_like(ours).scatter_(1, call.top_k_index.long(), call.top_k_weights.double())
+        close = torch.isclose(ours, theirs, rtol=1e-2, atol=1e-3).all(dim=-1)
+        # A few tokens may differ where two experts' logits tie within rounding.
+        if close.float().mean() < 0.99:
+            raise NAEEError(
+                f"MoE layer {call.layer}: recomputing this router's top-k from its logits does not "
+                "reproduce the model's routing (grouped or biased top-k?); NAEE cannot score "
+                "subsets of this router"
+            )
+
+
+# ----------------------------------------------------------------------------------- search
+
+
+@dataclass
+class _Statistics:
+    """Per-token sufficient statistics of one chunk for scoring subsets."""
+
+    logits: torch.Tensor  # [N, E]
+    gram: torch.Tensor  # [N, E, E] float64
+    full: torch.Tensor | None = None  # [N, E] dense routing of the target (layerwise)
+    target_dot: torch.Tensor | None = None  # [N, E] f_e . z (progressive)
+    target_sq: torch.Tensor | None = None  # [N] |z|^2 (progressive)
+
+
+class _LayerSearch:
+    """One layer's candidate dropped sets, step by step, and the loss of every one scored."""
+
+    def __init__(self, num_experts: int, keep: int, max_subsets: int, beam_width: int) -> None:
+        self.num_experts = num_experts
+        self.drop = num_experts - keep
+        self.beam_width = beam_width
+        self.method = "enumerate" if math.comb(num_experts, self.drop) <= max_subsets else "beam"
+        self.beams: list[tuple[int, ...]] = [()]
+        self.losses: dict[tuple[int, ...], float] = {}
+        self.candidates: list[tuple[int, ...]] = []
+        self.masks: torch.Tensor | None = None
+        self._batch_sq: torch.Tensor | None = None
+        self._total: torch.Tensor | None = None
+        self.steps = 0
+        self.seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        return len(self.beams[0]) == self.drop
+
+    def start_step(self, device: torch.device) -> None:
+        if self.method == "enumerate":
+            self.candidates = list(itertools.combinations(range(self.num_experts), self.drop))
+        else:
+            grown = {tuple(sorted((*d, e))) for d in self.beams for e in range(self.num_experts) if e not in d}
+            self.candidates = sorted(grown)
+        masks = torch.ones((len(self.candidates), self.num_experts), dtype=torch.bool)
+        for i, dropped in enumerate(self.candidates):
+            masks[i, list(dropped)] = False
+        self.masks = masks.to(device)
+        self._total = torch.zeros(len(self.candidates), dtype=torch.float64, device=device)
+        self._batch_sq = torch.zeros_like(self._total)
+
+    def add(self, stats: _Statistics, router: SubsetRouter, budget: int) -> None:
+        n, e = stats.logits.shape
+        step = max(1, budget // max(1, n * e * 8 * 3))
+        for start in range(0, len(self.candidates), step):
+            masks = self.masks[start : start + step]
+            weights = router.dense(stats.logits, masks)  # [c, N, E]
+            if stats.full is not None:
+                diff = stats.full.unsqueeze(0) - weights
+                sq = (torch.einsum("cne,nef->cnf", diff, stats.gram) * diff).sum(dim=(1, 2))
+            else:
+                quad = (torch.einsum("cne,nef->cnf", weights, stats.gram) * weights).sum(dim=(1, 2))
+                cross = torch.einsum("cne,ne->c", weights, stats.target_dot)
+                sq = stats.target_sq.sum() - 2 * cross + quad
+            self._batch_sq[start : start + step] += sq
+
+    def end_batch(self) -> None:
+        # Rounding can leave a tiny negative sum in the expanded (progressive) form.
+        self._total += self._batch_sq.clamp(min=0).sqrt()
+        self._batch_sq.zero_()
+
+    def finish_step(self) -> None:
+        losses = self._total.tolist()
+        for dropped, loss in zip(self.candidates, losses, strict=True):
+            self.losses[dropped] = loss
+        # Python's sort is stable and candidates are in lexicographic order: a tie keeps the
+        # first dropped tuple, the authors' rule.
+        order = sorted(range(len(self.candidates)), key=lambda i: losses[i])
+        width = 1 if self.method == "enumerate" else self.beam_width
+        self.beams = [self.candidates[i] for i in order[:width]]
+        self.steps += 1
+        self.candidates, self.masks, self._total, self._batch_sq = [], None, None, None
+
+    @property
+    def best(self) -> tuple[int, ...]:
+        return self.beams[0]
+
+
+def _statistics(
+    call: LayerCall,
+    router: SubsetRouter,
+    num_experts: int,
+    start: int,
+    stop: int,
+    target: torch.Tensor | None,
+) -> _Statistics:
+    """Expert outputs of tokens [start, stop) once, reduced to the Gram matrix and target terms."""
+    hidden = call.hidden[start:stop]
+    outputs = all_expert_outputs(call.experts, hidden, num_experts, call.top_k_weights.dtype)
+    f = outputs.double()  # [n, E, d]
+    gram = f @ f.transpose(1, 2)  # [n, E, E]
+    logits = call.logits[start:stop]
+    if target is None:
+        full = torch.ones((1, num_experts), dtype=torch.bool, device=logits.device)
+        return _Statistics(logits, gram, full=router.dense(logits, full)[0])
+    z = target[start:stop].double()  # [n, d]
+    return _Statistics(
+        logits,
+        gram,
+        target_dot=torch.einsum("ned,nd->ne", f, z),
+        target_sq=(z * z).sum(dim=-1),
+    )
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class NAEEResult:
+    """The chosen experts and everything measured on the way."""
+
+    kept: list[list[int]]  # per MoE layer, ascending original indices
+    losses: list[dict[tuple[int, ...], float]]  # per layer: dropped tuple -> loss, every one scored
+    methods: list[str]  # per layer: "enumerate" or "beam"
+    order: str
+    num_experts: int
+    tokens: int
+    passes: int  # forward passes over the calibration data (progressive: truncated ones too)
+    seconds: float
+    layer_seconds: list[float] = field(default_factory=list)  # expert outputs + subset scoring
+
+    def candidate(self, model_id: str = "", top_k: int | None = None, **extra: object) -> Candidate:
+        """The pruning as an ordinary candidate (phase "oneshot")."""
+        return Candidate.from_kept(
+            self.kept,
+            self.num_experts,
+            top_k,
+            model_id=model_id,
+            phase="oneshot",
+            extra={
+                "method": "naee",
+                "order": self.order,
+                "search": sorted(set(self.methods)),
+                "calibration_tokens": self.tokens,
+                "loss": [self.losses[i][self._dropped(i)] for i in range(len(self.kept))],
+                **extra,
+            },
+        )
+
+    def _dropped(self, layer: int) -> tuple[int, ...]:
+        return tuple(e for e in range(self.num_experts) if e not in self.kept[layer])
+
+
+@torch.no_grad()
+def naee_prune(
+    model: nn.Module,
+    calibration: Calibration,
+    keep: int,
+    order: Order = "layerwise",
+    max_subsets: int = DEFAULT_MAX_SUBSETS,
+    beam_width: int = 1,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> NAEEResult:
+    """Choose `keep` experts per MoE layer by NAEE (see the module docstring)."""
+    if order not in ORDERS:
+        raise NAEEError(f"order must be one of {ORDERS}, got {order!r}")
+    if beam_width < 1 or max_subsets < 1:
+        raise NAEEError("beam_width and max_subsets must be >= 1")
+    family = detect_family(model.config)
+    layers = moe_layers(model)
+    num_experts = get_num_experts(model.config, family)
+    top_k = int(layers[0].gate.top_k)
+    if not top_k <= keep <= num_experts:
+        raise NAEEError(f"keep={keep} must be in top_k={top_k}..num_experts={num_experts}")
+    routers = [SubsetRouter(layer, family, model.config) for layer in layers]
+    searches = [_LayerSearch(num_experts, keep, max_subsets, beam_width) for _ in layers]
+    device = model.get_input_embeddings().weight.device
+    chunk = max(1, memory_budget // (num_experts * layers[0].experts.gate_up_proj.shape[-1] * 12))
+    runner = _Runner(model, calibration, routers, searches, num_experts, chunk, memory_budget, device)
+    start = time.perf_counter()
+    if order == "layerwise":
+        runner.layerwise()
+    else:
+        runner.progressive()
+    result = NAEEResult(
+        kept=[sorted(set(range(num_experts)) - set(s.best)) for s in searches],
+        losses=[s.losses for s in searches],
+        methods=[s.method for s in searches],
+        order=order,
+        num_experts=num_experts,
+        tokens=calibration.tokens,
+        passes=runner.passes,
+        seconds=time.perf_counter() - start,
+        layer_seconds=[s.seconds for s in searches],
+    )
+    log.info(
+        "NAEE %s: %d layers, %d passes, %.2f s; kept %s",
+        order, len(layers), result.passes, result.seconds, result.kept,
+    )
+    return result
+
+
+class _Runner:
+    """The passes over the calibration data for both orders."""
+
+    def __init__(self, model, calibration, routers, searches, num_experts, chunk, budget, device):
+        self.model = model
+        self.calibration = calibration
+        self.routers: list[SubsetRouter] = routers
+        self.searches: list[_LayerSearch] = searches
+        self.num_experts = num_experts
+        self.chunk = chunk
+        self.budget = budget
+        self.device = device
+        self.passes = 0
+        self._checked: set[int] = set()
+
+    def _score(self, call: LayerCall, target: torch.Tensor | None = None) -> None:
+        search, router = self.searches[call.layer], self.routers[call.layer]
+        if call.layer not in self._checked:
+            router.check(call)
+            self._checked.add(call.layer)
+        tick = time.perf_counter()
+        for start in range(0, call.hidden.shape[0], self.chunk):
+            stop = start + self.chunk
+            stats = _statistics(call, router, self.num_experts, start, stop, target)
+            search.add(stats, router, self.budget)
+        search.seconds += time.perf_counter() - tick
+
+    def layerwise(self) -> None:
+        while True:
+            active = [i for i, s in enumerate(self.searches) if not s.done]
+            if not active:
+                return
+            for i in active:
+                self.searches[i].start_step(self.device)
+
+            def end_batch(_b: int, active=active) -> None:
+                for i in active:
+                    self.searches[i].end_batch()
+
+            stream_layer_calls(self.model, self.calibration, self._score, layers=active, on_batch_end=end_batch)
+            self.passes += 1
+            for i in active:
+                self.searches[i].finish_step()
+
+    def _unpruned_output(self, one: Calibration, layer: int) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        stream_layer_calls(
+            self.model, one, lambda c: captured.append(c.output), layers=[layer], stop_after=layer
+        )
+        return captured[0]
+
+    def progressive(self) -> None:
+        keep_masks: dict[int, torch.Tensor] = {}
+
+        def restrict(layer: int, output: tuple) -> tuple:
+            if layer not in keep_masks:
+                return output
+            logits, weights = output[0], output[1]
+            flat = logits.reshape(-1, logits.shape[-1])
+            index, new_weights = self.routers[layer].route(flat, keep_masks[layer][None])
+            return (logits, new_weights[0].to(weights.dtype), index[0].to(output[2].dtype))
+
+        for layer, search in enumerate(self.searches):
+            while not search.done:
+                search.start_step(self.device)
+                for batch in self.calibration:
+                    one = Calibration([batch])
+                    target = None
+                    if keep_masks:
+                        # The unpruned model's output at this layer on unpruned inputs.
+                        target = self._unpruned_output(one, layer)
+                    stream_layer_calls(
+                        self.model, one, lambda c, t=target: self._score(c, t),
+                        layers=[layer], stop_after=layer, gate_override=restrict,
+                    )
+                    search.end_batch()
+                self.passes += 1 + bool(keep_masks)
+                search.finish_step()
+            mask = torch.ones(self.num_experts, dtype=torch.bool, device=self.device)
+            mask[list(search.best)] = False
+            keep_masks[layer] = mask
+
+
+def kept_from_losses(losses: dict[tuple[int, ...], float], num_experts: int) -> list[int]:
+    """The authors' selection from a dropped-tuple -> loss table: first minimum in insertion order."""
+    dropped = min(losses, key=losses.get)
+    return sorted(set(range(num_experts)) - set(dropped))
+
+
+def enumeration_size(num_experts: int, keep: int) -> int:
+    """Subsets NAEE enumerates per layer: C(E, E - keep)."""
+    return math.comb(num_experts, num_experts - keep)
+
+
+def describe_kept(kept: Sequence[Sequence[int]]) -> str:
+    """`0:[0, 2, 5, 7] 1:[...]` for logs."""
+    return " ".join(f"{i}:{list(k)}" for i, k in enumerate(kept))
