@@ -27,6 +27,10 @@ METHOD_LABEL = {"full": "full model", "random": "random pruning (mean)",
                 "eep_prune_only": "EEP prune-only", "eep": "EEP prune+merge"}
 
 
+class ReportError(ValueError):
+    """A report that cannot be written (e.g. matplotlib missing)."""
+
+
 @dataclass
 class ReportFiles:
     """Where the report went."""
@@ -91,8 +95,10 @@ def _references(summary: dict) -> dict[str, float | None]:
 # --------------------------------------------------------------------------------- figure
 def render_figure(view: RunView, path: Path) -> Path:
     """fitness.png: score of every search evaluation and the best so far, by evaluation and time."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ReportError("eep report draws with matplotlib: pip install 'eep[report]'") from exc
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
 

@@ -26,7 +26,7 @@ from eep.runlog import CANDIDATES_DIR, CONFIG_FILE, EVALUATIONS_FILE, SUMMARY_FI
 log = logging.getLogger(__name__)
 
 # The columns the page plots; one list per field, appended as records arrive.
-COLUMNS = ("id", "split", "phase", "score", "time", "elapsed", "worker", "seconds", "failed")
+COLUMNS = ("id", "split", "phase", "score", "elapsed", "worker", "seconds", "failed")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _RATE_WINDOW = 50  # search records the recent rate (and so the ETA) is measured over
 
@@ -40,6 +40,17 @@ def finite(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _number(value: Any) -> float | None:
+    """`finite` with a fast path for the plain floats a run log holds (called 4x per record)."""
+    if value.__class__ is float:
+        return value if value - value == 0.0 else None  # NaN and inf give NaN
+    return finite(value)
+
+
+def _dumps(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
 
 
 def json_safe(value: Any) -> Any:
@@ -105,6 +116,7 @@ class RunView:
         self._search_index: dict[str, int] = {}  # candidate id -> search index
         self._totals = _Totals()
         self._skipped = 0
+        self._columns_cache: tuple[int, bytes] | None = None
 
     # ----------------------------------------------------------------------------- reading
     def refresh(self) -> None:
@@ -126,26 +138,32 @@ class RunView:
                 f.seek(self._offset)
                 chunk = f.read(stat.st_size - self._offset)
             end = chunk.rfind(b"\n") + 1  # a torn last line waits for its newline
-            for line in chunk[:end].splitlines():
-                if not line.strip():
-                    continue
+            for record in self._parse(chunk[:end]):
+                self._add(record)
+            self._offset += end
+
+    def _parse(self, chunk: bytes) -> list[dict]:
+        """The records in complete lines; one JSON array parse is ~2x faster than line by line."""
+        lines = [line for line in chunk.decode("utf-8", errors="replace").split("\n") if line.strip()]
+        try:
+            records = json.loads("[" + ",".join(lines) + "]")
+        except json.JSONDecodeError:
+            records = []
+            for line in lines:  # a damaged line: keep the others
                 try:
-                    record = json.loads(line)
+                    records.append(json.loads(line))
                 except json.JSONDecodeError:
                     self._skipped += 1
-                    continue
-                if isinstance(record, dict):
-                    self._add(record)
-            self._offset += end
+        return [r for r in records if isinstance(r, dict)]
 
     def _add(self, record: dict) -> None:
         t = self._totals
         split = str(record.get("split", "search"))
-        score = finite(record.get("score"))
+        score = _number(record.get("score"))
         failed = bool(record.get("error")) or score is None
-        when = finite(record.get("time"))
-        seconds = finite(record.get("seconds")) or 0.0
-        elapsed = finite(record.get("elapsed"))
+        when = _number(record.get("time"))
+        seconds = _number(record.get("seconds")) or 0.0
+        elapsed = _number(record.get("elapsed"))
         phase = str(record.get("phase") or "")
         worker = str(record.get("worker") or "?")
         record_id = str(record.get("id", ""))
@@ -187,7 +205,6 @@ class RunView:
         cols["split"].append(split)
         cols["phase"].append(phase)
         cols["score"].append(score)
-        cols["time"].append(when)
         cols["elapsed"].append(elapsed)
         cols["worker"].append(worker)
         cols["seconds"].append(seconds)
@@ -213,6 +230,24 @@ class RunView:
             total = len(self._records)
             return {"since": since, "next": total, "total": total,
                     "columns": {c: self._columns[c][since:total] for c in COLUMNS}}
+
+    def columns_json(self, since: int = 0) -> bytes:
+        """`columns_since` as JSON bytes; the answer from 0 (every page load) is cached."""
+        data = self.columns_since(since)
+        if data["since"] != 0:
+            return _dumps(data)
+        with self._lock:
+            cached = self._columns_cache
+        if cached is not None and cached[0] == data["total"]:
+            return cached[1]
+        body = _dumps(data)
+        with self._lock:
+            self._columns_cache = (data["total"], body)
+        return body
+
+    def warm(self) -> None:
+        """Read the whole log and serialise it once, so the first page load is quick."""
+        self.columns_json(0)
 
     # ----------------------------------------------------------------------------- config
     def config(self) -> dict:

@@ -70,6 +70,14 @@ class RunSet:
         with self._lock:
             self._add(found)
 
+    def warm(self) -> None:
+        """Read every run once (in the background at start: big logs take a while to parse)."""
+        for view in self.views():
+            try:
+                view.warm()
+            except Exception:  # noqa: BLE001  (a request will report it properly)
+                log.exception("dashboard: cannot read %s", view.path)
+
     def views(self) -> list[RunView]:
         """Every run, in the order they were given or found."""
         self.rescan()
@@ -151,7 +159,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
                 self._send(400, {"error": "since and limit must be integers"})
                 return
             if query.get("format", ["records"])[0] == "columns":
-                self._send(200, view.columns_since(since))
+                self._send_bytes(200, view.columns_json(since), "application/json", cache="no-store")
             else:
                 self._send(200, view.records_since(since, limit))
         elif what == "best":
@@ -236,7 +244,9 @@ def make_server(
     roots: list[str | Path] = (),
 ) -> DashboardServer:
     """A dashboard server bound to host:port (port 0: any free port), not yet serving."""
-    return DashboardServer(RunSet(run_dirs, roots), host, port)
+    server = DashboardServer(RunSet(run_dirs, roots), host, port)
+    threading.Thread(target=server.runs.warm, name="eep-dashboard-warm", daemon=True).start()
+    return server
 
 
 def start_dashboard(

@@ -204,7 +204,13 @@ function renderKpis(s) {
   const p = s.progress;
   $("kpi-best").textContent = fmt(s.best?.score, 4);
   $("kpi-best-sub").textContent = s.best ? `${s.best.id} · evaluation #${s.best.index + 1}` : "no score yet";
-  $("kpi-progress").textContent = p.budget ? `${p.done.toLocaleString()} / ${p.budget.toLocaleString()}` : p.done.toLocaleString();
+  const progress = $("kpi-progress");
+  progress.textContent = p.done.toLocaleString();
+  if (p.budget) {
+    const of = document.createElement("small");
+    of.textContent = ` / ${p.budget.toLocaleString()}`;
+    progress.append(of);
+  }
   $("kpi-progress-bar").style.width = `${Math.round(100 * (p.fraction ?? 0))}%`;
   let sub = p.fraction != null ? `${Math.round(100 * p.fraction)}%` : "no budget in config";
   if (s.status === "running" && p.eta_seconds != null) sub += ` · ETA ${formatDuration(p.eta_seconds)}`;
@@ -226,7 +232,7 @@ function renderKpis(s) {
   const bits = [];
   if (ref.bestDev != null) bits.push(`dev ${fmt(ref.bestDev)}`);
   if (ref.full != null) bits.push(`full model ${fmt(ref.full)}`);
-  $("kpi-heldout-sub").textContent = bits.length ? bits.join(" · ") : "dev/test are scored when the search ends";
+  $("kpi-heldout-sub").textContent = bits.length ? bits.join(" · ") : "dev/test come after the search";
 }
 
 // Held-out facts for the chart: full model and random baselines (test), dev/test markers.
@@ -305,10 +311,11 @@ function drawFitness() {
   const yt = niceTicks(lo, hi, 5);
   lo = Math.max(0, Math.floor(lo / yt.step) * yt.step); hi = Math.min(1, Math.ceil(hi / yt.step) * yt.step);
   const xmin = 0;
-  plot.setRange(xmin, xmax, lo, hi);
+  // A little room below the lowest tick keeps zero scores off the axis and above the failures.
+  plot.setRange(xmin, xmax, lo - (hi - lo) * 0.045, hi);
 
   const xt = byIndex ? { ticks: niceTicks(xmin, xmax, 8).ticks, label: (v) => v.toLocaleString() } : timeTicks(xmin, xmax);
-  if (d.boundary !== null) plot.shade(xOf(d, d.boundary), xmax, COLOR.mergeBand);
+  if (d.boundary !== null) plot.shade(xOf(d, d.boundary), lastX, COLOR.mergeBand);
   plot.axes({
     xticks: xt.ticks, xfmt: xt.label, xlabel: byIndex ? "evaluation" : "search wall time",
     yticks: niceTicks(lo, hi, 5).ticks, yfmt: (v) => v.toFixed(yt.step < 0.01 ? 3 : 2),

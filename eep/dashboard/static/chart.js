@@ -92,7 +92,8 @@ export class Plot {
       ctx.beginPath(); ctx.moveTo(px, this.y1); ctx.lineTo(px, this.y0); ctx.stroke();
       const label = xfmt(t);
       const half = ctx.measureText(label).width / 2;
-      if (px - half > lastRight + 6) { ctx.fillText(label, px, this.y0 + 7); lastRight = px + half; }
+      const lx = Math.min(px, this.w - 2 - half);  // the last label stays inside the canvas
+      if (lx - half > lastRight + 6) { ctx.fillText(label, lx, this.y0 + 7); lastRight = lx + half; }
     }
     ctx.strokeStyle = AXIS;
     ctx.beginPath(); ctx.moveTo(this.x0, this.y1); ctx.lineTo(this.x0, this.y0 + 0.5); ctx.lineTo(this.x1, this.y0 + 0.5); ctx.stroke();
@@ -147,21 +148,25 @@ export class Plot {
     ctx.fill();
     ctx.globalAlpha = 1;
     if (fails.length) {
+      // Failures have no score: a strip of marks along the bottom edge, crosses when few.
+      const many = fails.length > 150;
       ctx.strokeStyle = failColor;
-      ctx.lineWidth = 1.2;
+      ctx.lineWidth = many ? 1 : 1.2;
+      ctx.globalAlpha = many ? 0.6 : 1;
       ctx.beginPath();
-      const py = this.y0 - 5;
+      const py = this.y0 - 4;
       let lastPx = -10;
       for (const i of fails) {
         const px = this.x(xs[i]);
         hits[(py | 0) * w + (px | 0)] = i + 1;
-        if (px - lastPx < 2) continue;
+        if (px - lastPx < (many ? 2 : 3)) continue;
         lastPx = px;
-        ctx.moveTo(px - 3, py - 3); ctx.lineTo(px + 3, py + 3);
-        ctx.moveTo(px - 3, py + 3); ctx.lineTo(px + 3, py - 3);
+        if (many) { ctx.moveTo(px, py - 3); ctx.lineTo(px, py + 3); }
+        else { ctx.moveTo(px - 3, py - 3); ctx.lineTo(px + 3, py + 3); ctx.moveTo(px - 3, py + 3); ctx.lineTo(px + 3, py - 3); }
         drawn++;
       }
       ctx.stroke();
+      ctx.globalAlpha = 1;
     }
     return drawn;
   }
