@@ -29,6 +29,7 @@ from eep.config import CampaignConfig, config_from_dict
 from eep.distributed.pool import EvaluatorPool, InProcessPool, Job, WorkerSpec
 from eep.models.families import model_shape
 from eep.models.loading import load_config as load_model_config
+from eep.oneshot import seed_candidates
 from eep.result import FitnessResult
 from eep.runlog import BEST_FILE, SUMMARY_FILE, RunLog
 from eep.search import BaseStrategy, build_strategy
@@ -92,7 +93,13 @@ class Campaign:
             self.shape.num_experts,
             seed=self.config.seed,
             model_id=self.config.model,
-            init_from=[Candidate.load(p) for p in self.config.init_from],
+            # Files, or one-shot method names run on the task's search split (eep.oneshot).
+            init_from=seed_candidates(
+                self.config.init_from, self.config.model, self.config.task, self.config.keep,
+                self.runlog.path, top_k=self.config.top_k, seed=self.config.seed,
+                device=self.config.evaluation.device, dtype=self.config.evaluation.dtype,
+                trust_remote_code=self.config.trust_remote_code,
+            ),
         )
         self.progress = _Progress()
         self._pool = pool

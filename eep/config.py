@@ -96,7 +96,9 @@ class CampaignConfig(_Frozen):
     groups: Any = "per_layer"
     strategy: StrategySettings
     init_from: list[str] = Field(
-        default_factory=list, description="candidate files seeding the search (e.g. NAEE results)"
+        default_factory=list,
+        description="seeds of the search: candidate files, or one-shot method names (naee, "
+        "frequency, soft_activation, reap, random) run on the task's search split first",
     )
     budget: Budget = Budget()
     workers: int = Field(default=0, ge=0, description="0: in-process; N: N Ray actors")

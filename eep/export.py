@@ -18,8 +18,9 @@ import torch
 from eep.candidate import Candidate, CandidateError
 from eep.models.families import get_num_experts
 from eep.models.loading import load_model
-from eep.models.mapped import MAPPED_PREFIX, mapped_config_class
+from eep.models.mapped import MAPPED_PREFIX, SKIP_CONFIG_FIELD, mapped_config_class
 from eep.models.surgery import Surgery
+from eep.oneshot.skipping import skip_thresholds_of
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "eep_candidate.safetensors"
@@ -66,7 +67,10 @@ def export_model(
     num_experts = get_num_experts(net.config, surgery.family)
     # Merge layer by layer and drop each layer's originals at once: the model is never held twice.
     surgery.apply(candidate, release_originals=True)
-    stock = candidate.router_has_stock_equivalent()
+    mapped_router = not candidate.router_has_stock_equivalent()
+    # NAEE dynamic-skipping thresholds need eep's class too (it installs the skipping).
+    skip_thresholds = skip_thresholds_of(candidate)
+    stock = not mapped_router and skip_thresholds is None
     out_dir.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(
         out_dir,
@@ -75,7 +79,7 @@ def export_model(
         save_original_format=stock,
     )
     if not stock:
-        _write_mapped_config(net.config, num_experts, out_dir)
+        _write_mapped_config(net.config, num_experts, out_dir, mapped_router, skip_thresholds)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out_dir)
     candidate.save(out_dir / CANDIDATE_FILE)
@@ -91,12 +95,18 @@ def export_model(
     return report
 
 
-def _write_mapped_config(config, num_experts: int, out_dir: Path) -> None:
+def _write_mapped_config(
+    config, num_experts: int, out_dir: Path, mapped_router: bool = True,
+    skip_thresholds: list[float] | None = None,
+) -> None:
     config_cls = mapped_config_class(config.model_type)
     values = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         values.pop(key, None)
-    mapped = config_cls(**values, num_router_experts=num_experts, router_mapping="probs")
+    extra: dict = {"num_router_experts": num_experts, "router_mapping": "probs"} if mapped_router else {}
+    if skip_thresholds is not None:
+        extra[SKIP_CONFIG_FIELD] = skip_thresholds
+    mapped = config_cls(**values, **extra)
     mapped.architectures = [f"EEP{config.architectures[0] if config.architectures else 'ForCausalLM'}"]
     mapped.save_pretrained(out_dir)
     written = json.loads((out_dir / "config.json").read_text())

@@ -5,6 +5,10 @@ gate computes that. Its exported checkpoint has `model_type: eep_<family>` and e
 gate holds the original `weight [E, d]` plus `router_map [k, E]`. Importing `eep` registers these
 classes with transformers' Auto classes, so after `import eep`
 `AutoModelForCausalLM.from_pretrained(dir)` loads such a checkpoint without `trust_remote_code`.
+
+The same classes carry NAEE dynamic skipping: a config with `eep_skip_thresholds` (one threshold
+per MoE layer) gets `eep.oneshot.skipping.DynamicSkipping` installed; with `num_router_experts` unset
+the routers stay the stock ones (a pruned checkpoint whose only addition is skipping).
 """
 
 from __future__ import annotations
@@ -17,24 +21,31 @@ from eep.models.families import FAMILIES, detect_family, moe_layers
 from eep.models.routing import ProbabilityMappedRouter
 
 MAPPED_PREFIX = "eep_"
+SKIP_CONFIG_FIELD = "eep_skip_thresholds"  # = eep.oneshot.skipping.CONFIG_FIELD
 
 
 def _mapped_model_init(base_init):
     def __init__(self, config):
         base_init(self, config)
         family = detect_family(config)
-        for layer in moe_layers(self):
-            gate = layer.gate
-            layer.block.gate = ProbabilityMappedRouter(
-                hidden_dim=gate.weight.shape[1],
-                num_router_experts=config.num_router_experts,
-                keep=layer.experts.num_experts,
-                top_k=gate.top_k,
-                renormalize=family.renormalizes(config),
-                cast_weights=family.cast_weights,
-                dtype=gate.weight.dtype,
-                device=gate.weight.device,
-            )
+        if getattr(config, "num_router_experts", None):  # unset: stock routers (skipping only)
+            for layer in moe_layers(self):
+                gate = layer.gate
+                layer.block.gate = ProbabilityMappedRouter(
+                    hidden_dim=gate.weight.shape[1],
+                    num_router_experts=config.num_router_experts,
+                    keep=layer.experts.num_experts,
+                    top_k=gate.top_k,
+                    renormalize=family.renormalizes(config),
+                    cast_weights=family.cast_weights,
+                    dtype=gate.weight.dtype,
+                    device=gate.weight.device,
+                )
+        thresholds = getattr(config, SKIP_CONFIG_FIELD, None)
+        if thresholds:
+            from eep.oneshot.skipping import DynamicSkipping  # noqa: PLC0415  (no cycle at import)
+
+            DynamicSkipping(self, thresholds)
 
     return __init__
 
