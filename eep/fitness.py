@@ -38,12 +38,11 @@ from eep.tasks.example import Example
 from eep.tasks.loaders import load_examples
 from eep.tasks.registry import resolve_task
 from eep.tasks.scorers import aggregate, make_scorer, primary_metric
-from eep.tasks.spec import TaskSpec
+from eep.tasks.spec import DEFAULT_MAX_NEW_TOKENS, TaskSpec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32  # rows per forward (the EEP authors' generation batch)
-DEFAULT_MAX_NEW_TOKENS = 32  # generation tasks whose spec sets no max_new_tokens
 
 # One Surgery per model object: evaluators that share a replica (several splits or tasks) must
 # share its cached originals, or the second would cache the first one's pruned weights.
@@ -82,7 +81,7 @@ def encode_choice(tokenizer, prompt: str, option: str) -> tuple[list[int], list[
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for a CUDA (or other accelerator) out-of-memory error."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
@@ -122,7 +121,13 @@ class _Batch:
 
 
 class Evaluator:
-    """Scores candidates of one model on one task split (see the module docstring)."""
+    """Scores candidates of one model on one task split (see the module docstring).
+
+    `model` is a MODEL argument (loaded here on `device` in `dtype`) or a `LoadedModel`, used as
+    it is (`device`/`dtype` then ignored); evaluators of one model object share its `Surgery`.
+    `batch_size` counts rows per forward (an example's options are never split across batches);
+    `max_examples` keeps the split's first N examples; `originals_device` goes to `Surgery`.
+    """
 
     def __init__(
         self,
@@ -213,9 +218,13 @@ class Evaluator:
                     results, used = self._score_choices(batch)
                 else:
                     results, used = self._generate(batch)
+                failed = False
             except Exception as exc:
                 if not is_out_of_memory(exc) or len(batch.items) == 1:
                     raise
+                failed = True
+            if failed:
+                # Outside the except block: the failed batch's tensors are free by now.
                 self._shrink_from(j)
                 continue
             for item, result in zip(batch.items, results, strict=True):
@@ -254,7 +263,9 @@ class Evaluator:
             **kwargs,
         ).logits
         logits = logits[:, -(longest + 1) : -1]  # [rows, longest, vocab]
-        targets = batch.input_ids[:, width - longest :]  # [rows, longest]
+        # Logits may sit on another device than the inputs (a model split over GPUs).
+        targets = batch.input_ids[:, width - longest :].to(logits.device)  # [rows, longest]
+        lengths = lengths.to(logits.device)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [rows, longest]
         columns = torch.arange(longest, device=picked.device)
@@ -284,7 +295,7 @@ class Evaluator:
         generated: list[list[int]] = [[] for _ in active]
         produced = 0
         while True:
-            next_tokens = logits.argmax(dim=-1)  # [active]
+            next_tokens = logits.argmax(dim=-1).to(mask.device)  # [active]
             keep = []
             for slot, (row, token) in enumerate(zip(active, next_tokens.tolist(), strict=True)):
                 generated[row].append(token)
