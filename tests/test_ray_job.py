@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -88,6 +90,7 @@ def head(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -111,11 +114,13 @@ def test_ray_job_submit_runs_a_campaign(head, tmp_path):
     deadline = time.monotonic() + JOB_TIMEOUT
     while time.monotonic() < deadline:
         out = run([str(BIN / "ray"), "job", "status", "--address", address, job_id], env)
-        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out.stdout), "")
+        # The CLI says "Job 'ID' succeeded" / "failed" / "was stopped".
+        found = re.search(rf"Job '{job_id}' (succeeded|failed|was stopped)", out.stdout + out.stderr)
+        status = found.group(1).upper() if found else ""
         if status:
             break
         time.sleep(3)
-    if status != "SUCCEEDED":
+    if status != "SUCCEEDED":  # the job's own log says why
         logs = run([str(BIN / "ray"), "job", "logs", "--address", address, job_id], env)
         pytest.fail(f"job {job_id}: {status or 'timed out'}\n{logs.stdout}\n{logs.stderr}")
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from eep.campaign import run_campaign
 from eep.config import load_config
+from eep.distributed.pool import PoolError
 
 NAME = "search"
 HELP = "run a pruning/merging campaign described by a YAML file (or resume one)"
@@ -24,12 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the campaign and print its summary."""
     config = load_config(args.config, args.overrides)
-    result = run_campaign(
-        config,
-        run_dir=args.resume or args.run_dir,
-        resume=bool(args.resume),
-        quiet=args.quiet,
-    )
+    run_dir = args.resume or args.run_dir or config.run_dir
+    try:
+        result = run_campaign(config, run_dir=run_dir, resume=bool(args.resume), quiet=args.quiet)
+    except PoolError as exc:
+        # Every worker is lost; the campaign checkpointed on the way out.
+        print(f"eep search: error: {exc}\nthe run directory is intact; continue with: "
+              f"eep search {args.config} --resume {run_dir}", file=sys.stderr)
+        return 1
     print(result.table)
     print(f"run directory: {result.run_dir}")
     if result.export_dir is not None:
