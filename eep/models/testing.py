@@ -56,14 +56,16 @@ def tiny_config(family: str, num_experts: int = 8, num_layers: int = 3, **overri
     elif family == "olmoe":
         cfg = OlmoeConfig(**common, num_experts=num_experts, norm_topk_prob=False)
     elif family == "deepseek_v2":
+        # MLA attention: real DeepSeek configs have as many key/value heads as query heads, and
+        # transformers' DeepSeek attention needs that on padded batches.
         cfg = DeepseekV2Config(
-            **common, n_routed_experts=num_experts, moe_intermediate_size=48, n_shared_experts=1,
+            **{**common, "num_key_value_heads": common["num_attention_heads"]}, n_routed_experts=num_experts, moe_intermediate_size=48, n_shared_experts=1,
             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
             qk_nope_head_dim=8, v_head_dim=16, topk_method="greedy", n_group=1, topk_group=1,
         )
     elif family == "deepseek_v3":
         cfg = DeepseekV3Config(
-            **common, n_routed_experts=num_experts, moe_intermediate_size=48, n_shared_experts=1,
+            **{**common, "num_key_value_heads": common["num_attention_heads"]}, n_routed_experts=num_experts, moe_intermediate_size=48, n_shared_experts=1,
             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
             qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1, norm_topk_prob=True,
         )
