@@ -281,3 +281,9 @@ def test_waiting_run_without_files(tmp_path):
     assert view.best() is None
     summary = view.summary()
     assert summary["progress"]["done"] == 0 and not math.isnan(summary["progress"]["elapsed"])
+
+
+def test_a_taken_port_is_reported_clearly(serve, finished_run):
+    url = serve(finished_run.path)
+    with pytest.raises(OSError, match="another eep dashboard"):
+        start_dashboard([finished_run.path], port=urlsplit(url).port)

@@ -89,8 +89,18 @@ def test_live_page_shows_every_point_and_updates(tmp_path, page):
         assert page.locator("#compare").get_attribute("data-runs") == "2"
         assert page.locator("#final-card").is_hidden()
 
+        box = chart.bounding_box()
+        tips = []
+        for i in range(24):  # hover: a tooltip names the evaluation under the mouse
+            for j in range(10):
+                page.mouse.move(box["x"] + 60 + i * (box["width"] - 80) / 24, box["y"] + 20 + j * 30)
+                if page.locator("#tooltip").is_visible():
+                    tips.append(page.locator("#tooltip").inner_text())
+        assert tips and all(t.startswith("#") and "eep-" in t and "score" in t for t in tips), tips[:3]
+        page.mouse.move(0, 0)
+
         live.append(25, wall=True)  # the campaign goes on: no reload
-        wait_points(page, 265, timeout=10_000)
+        wait_points(page, 265, timeout=30_000)
         assert page.locator("#kpi-progress").inner_text() == "265 / 400"
         assert page.locator("#kpi-best").inner_text() == f"{live.best:.4f}"
         time.sleep(0.5)
@@ -109,6 +119,7 @@ def test_live_page_shows_every_point_and_updates(tmp_path, page):
         assert "EEP prune+merge" in page.locator("#final").inner_text()
         page.screenshot(path=str(ARTIFACTS / "dashboard-finished.png"), full_page=True)
     finally:
+        page.close()  # before the server goes: a poll into a closed port logs a console error
         server.shutdown()
         server.server_close()
 
@@ -132,6 +143,7 @@ def test_100k_evaluations_render_in_under_two_seconds(tmp_path, page):
         time.sleep(0.2)
         toggled_ms = float(page.locator("#fitness").get_attribute("data-draw-ms"))
     finally:
+        page.close()  # before the server goes: a poll into a closed port logs a console error
         server.shutdown()
         server.server_close()
     result = {"evaluations": 100_000, "server_read_s": round(warm_s, 2), "loads": timings,

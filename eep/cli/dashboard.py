@@ -35,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
         roots = [Path("runs")]
         if not roots[0].is_dir():
             raise FileNotFoundError("no RUN_DIR given and no ./runs folder: name the run directories")
-    server = make_server(run_dirs, args.host, args.port, roots=roots)
+    try:
+        server = make_server(run_dirs, args.host, args.port, roots=roots)
+    except OSError as exc:
+        raise ValueError(str(exc)) from exc  # a message for the user, not a traceback
     names = ", ".join(v.name for v in server.runs.views()) or "(none yet)"
     print(f"eep dashboard: {server.url}  (runs: {names}; Ctrl-C stops)")
     if not server.loopback_only:

@@ -244,7 +244,11 @@ def make_server(
     roots: list[str | Path] = (),
 ) -> DashboardServer:
     """A dashboard server bound to host:port (port 0: any free port), not yet serving."""
-    server = DashboardServer(RunSet(run_dirs, roots), host, port)
+    try:
+        server = DashboardServer(RunSet(run_dirs, roots), host, port)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve the dashboard on {host}:{port} ({exc.strerror}); "
+                      "another eep dashboard? choose another --port (0: any free one)") from exc
     threading.Thread(target=server.runs.warm, name="eep-dashboard-warm", daemon=True).start()
     return server
 
