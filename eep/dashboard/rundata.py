@@ -71,7 +71,6 @@ class _Worker:
     count: int = 0
     failed: int = 0
     busy: float = 0.0
-    first: float = math.inf
     last: float = 0.0
 
 
@@ -181,7 +180,7 @@ class RunView:
         w.failed += failed
         w.busy += seconds
         if when is not None:
-            w.first, w.last = min(w.first, when - seconds), max(w.last, when)
+            w.last = max(w.last, when)
 
         if split == "search":
             index = t.search
