@@ -27,6 +27,7 @@ import yaml
 from eep.candidate import Candidate
 from eep.config import CampaignConfig, config_from_dict
 from eep.distributed.pool import EvaluatorPool, InProcessPool, Job, WorkerSpec
+from eep.metrics import CampaignMetrics
 from eep.models.families import model_shape
 from eep.models.loading import load_config as load_model_config
 from eep.oneshot import seed_candidates
@@ -102,6 +103,7 @@ class Campaign:
             ),
         )
         self.progress = _Progress()
+        self.metrics = CampaignMetrics(self.config.name)
         self._pool = pool
         self._replay()
 
@@ -206,10 +208,12 @@ class Campaign:
         candidate, result = job.candidate, job.result
         assert candidate is not None and result is not None
         self.runlog.save_candidate(candidate)
-        self.runlog.append(
-            _record(candidate.id, candidate, result, job.worker)
-            | {"asked": self.progress.asked, "elapsed": self.progress.seconds()}
-        )
+        record = _record(candidate.id, candidate, result, job.worker) | {
+            "asked": self.progress.asked,
+            "elapsed": self.progress.seconds(),
+        }
+        self.runlog.append(record)
+        self.metrics.observe(record, workers=self.pool.size)
         self.strategy.tell(candidate, result)
         self.progress.search_records += 1
         if self.progress.search_records % self.config.output.checkpoint_every == 0:
@@ -269,7 +273,9 @@ class Campaign:
                 item_id, candidate, content_hash = by_job[id(job)]
                 if candidate is not None:
                     self.runlog.save_candidate(candidate)
-                self.runlog.append(_record(item_id, candidate, job.result, job.worker, content_hash))
+                record = _record(item_id, candidate, job.result, job.worker, content_hash)
+                self.runlog.append(record)
+                self.metrics.observe(record, workers=self.pool.size)
                 scores[item_id] = job.result.score
         return scores
 

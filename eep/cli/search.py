@@ -7,6 +7,7 @@ import sys
 
 from eep.campaign import run_campaign
 from eep.config import load_config
+from eep.dashboard.server import dashboard_hint, start_dashboard
 from eep.distributed.pool import PoolError
 
 NAME = "search"
@@ -21,12 +22,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="run directory (default: output.run_dir or runs/<name>)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the campaign in RUN_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="also serve the live dashboard (127.0.0.1:8266) while the campaign runs")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the campaign and print its summary."""
     config = load_config(args.config, args.overrides)
     run_dir = args.resume or args.run_dir or config.run_dir
+    if args.dashboard:
+        try:
+            _, url = start_dashboard([run_dir])
+            print(f"dashboard: {url}")
+        except OSError as exc:
+            print(f"dashboard not started ({exc}); {dashboard_hint(run_dir)}")
+    else:
+        print(dashboard_hint(run_dir))
     try:
         result = run_campaign(config, run_dir=run_dir, resume=bool(args.resume), quiet=args.quiet)
     except PoolError as exc:
