@@ -24,7 +24,7 @@ from eep.candidate import Candidate  # noqa: E402
 from eep.config import config_from_dict  # noqa: E402
 from eep.distributed import ray_runtime  # noqa: E402
 from eep.distributed.pool import Job, PoolError, WorkerSpec  # noqa: E402
-from eep.distributed.ray_pool import RayPool, actor_demand, actors_that_fit  # noqa: E402
+from eep.distributed.ray_pool import RayPool, actor_demand, actor_spec, actors_that_fit  # noqa: E402
 from eep.models.testing import tiny_model  # noqa: E402
 from eep.result import FitnessResult  # noqa: E402
 from eep.runlog import RunLog  # noqa: E402
@@ -159,6 +159,32 @@ def test_actors_that_fit(available, demand, wanted, reserved, expected):
 def test_actor_demand_names_ray_resources():
     assert actor_demand(1, 0, None) == {"CPU": 1.0}
     assert actor_demand(8, 2, 64) == {"CPU": 8.0, "GPU": 2.0, "memory": 64 * 2**30}
+
+
+def test_actor_spec_spreads_a_multi_gpu_replica_and_sets_threads():
+    spec = WorkerSpec(model="m", task={})
+    assert actor_spec(spec, 1, 8).device_map is None
+    assert actor_spec(spec, 2, 16).device_map == "auto"
+    assert actor_spec(spec, 0, 2).threads == 2
+    assert actor_spec(WorkerSpec(model="m", task={}, threads=1), 0, 2).threads == 1  # as asked
+    assert actor_spec(spec, 0, 0.5).threads is None
+
+
+def test_build_evaluators_passes_device_map(monkeypatch):
+    import eep.models.loading
+
+    seen = {}
+
+    def fake_load_model(spec, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(eep.models.loading, "load_model", fake_load_model)
+    from eep.distributed.pool import build_evaluators
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        build_evaluators(WorkerSpec(model="m", task={}, device="cpu", device_map="auto"))
+    assert seen["device_map"] == "auto"
 
 
 def test_cluster_address(monkeypatch):

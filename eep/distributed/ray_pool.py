@@ -76,6 +76,17 @@ def actor_demand(num_cpus: float, num_gpus: float, memory_gb: float | None) -> d
     return {k: v for k, v in demand.items() if v > 0}
 
 
+def actor_spec(spec: WorkerSpec, num_gpus: float, num_cpus: float) -> WorkerSpec:
+    """The WorkerSpec an actor with these resources builds from."""
+    if num_gpus > 1 and spec.device_map is None:
+        # One replica across the actor's GPUs; Surgery keeps originals next to their layers.
+        spec = dataclasses.replace(spec, device_map="auto")
+    if spec.threads is None and num_cpus >= 1:
+        # One torch thread per reserved CPU: more would fight the actor's neighbours.
+        spec = dataclasses.replace(spec, threads=int(num_cpus))
+    return spec
+
+
 def actors_that_fit(available: dict[str, float], demand: dict[str, float], wanted: int,
                     reserved: int = 0) -> int:
     """How many more actors of `demand` to start: what `available` holds beyond `reserved` ones.
@@ -132,12 +143,7 @@ class RayPool:
                          "max_restarts": 0, "max_task_retries": 0}
         if resources.memory_gb:
             self._options["memory"] = int(resources.memory_gb * 2**30)
-        if resources.num_gpus > 1 and spec.device_map is None:
-            spec = dataclasses.replace(spec, device_map="auto")
-        if spec.threads is None and resources.num_cpus >= 1:
-            # One torch thread per reserved CPU: more would fight the actor's neighbours.
-            spec = dataclasses.replace(spec, threads=int(resources.num_cpus))
-        self.spec = spec
+        self.spec = spec = actor_spec(spec, resources.num_gpus, resources.num_cpus)
         self._owns_ray = ray_runtime.connect(config.ray_address)
         self._spec_ref = ray.put(spec)  # once: every actor reads the same object
         self._build = build
