@@ -10,17 +10,19 @@ Enumeration goes over dropped tuples in `itertools.combinations` order and the f
 (the authors' `min` over an insertion-ordered dict); kept = sorted complement.
 
 How it is computed (naee.md 2.11): a token's expert outputs f_e(x) do not depend on the subset, so
-every expert runs once per token (through the experts module's own code) and all subsets are
-scored from the per-token Gram matrix G = F F^T [E, E] (F = [f_1(x) .. f_E(x)]): the routed
-output of subset S is w_S^T F with w_S the subset's dense routing weights [E], so
+every expert runs once per token (through the experts module's own code) and the token is reduced
+to its Gram matrix G = F F^T [E, E] (F = [f_1(x) .. f_E(x)]) plus, for the target z, |z|^2 and
+F z [E]. A subset S routes the token to idx_S with weights w_S (k of them), so its squared error
 
-    ||w_full^T F - w_S^T F||^2 = (w_full - w_S)^T G (w_full - w_S)
+    |z - w_S^T F[idx_S]|^2 = |z|^2 - 2 w_S . (F z)[idx_S] + w_S^T G[idx_S, idx_S] w_S
 
-costs O(E^2) per token and subset instead of O(k d). Squared errors are accumulated per batch in
-float64 and the square root taken per batch, which reproduces the reference objective. Tokens
-whose routing a subset leaves unchanged contribute exactly 0, as in the reference. The reference
-rounds Z and Z^ to bfloat16; this runs in the model's dtype for f_e and float64 for the sums, so
-near-ties can rank differently from the reference.
+costs a top-k over E logits and O(k^2) gathers per token and subset instead of k expert outputs
+of width d. Squared errors are summed per batch in float64 and the square root taken per batch,
+which reproduces the reference objective. A token that a subset routes exactly as the full layer
+(layerwise order) contributes exactly 0, as in the reference, so subsets that differ only in
+experts nobody uses tie exactly and the first one wins. The reference rounds Z and Z^ to
+bfloat16; this runs the experts in the model's dtype and sums in float64, so near-ties can rank
+differently from the reference.
 
 Orders (naee.md 2.5):
 - `layerwise` (the authors' default): every layer from passes of the unpruned model, independently.
@@ -35,7 +37,7 @@ extension of every beam state (at most beam_width * E subsets), keep the `beam_w
 (ties: the lexicographically first dropped tuple). Greedy is beam_width 1. Each step needs the
 statistics of all tokens again, so it is one more pass over the calibration data (memory stays
 flat): E - keep passes in all, each costing a model forward plus E/top_k times the usual expert
-compute per layer, plus O(beam_width * E * E^2) per token for the subset scores. In layerwise order
+compute per layer, plus O(beam_width * E * (E + k^2)) per token for the subset scores. In layerwise order
 all layers advance together in the same passes; progressive order needs those passes per layer.
 """
 
@@ -111,12 +113,6 @@ class SubsetRouter:
             weights = weights.to(logits.dtype).float()
         return index, weights
 
-    def dense(self, logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Routing weights as dense float64 vectors over all E experts: [C, N, E]."""
-        index, weights = self.route(logits, keep)
-        out = torch.zeros((*index.shape[:2], logits.shape[-1]), dtype=torch.float64, device=logits.device)
-        return out.scatter_(2, index, weights.double())
-
     def check(self, call: LayerCall) -> None:
         """Raise NAEEError unless routing with every expert kept reproduces the model's router."""
         full = torch.ones((1, call.logits.shape[-1]), dtype=torch.bool, device=call.logits.device)
@@ -138,13 +134,20 @@ class SubsetRouter:
 
 @dataclass
 class _Statistics:
-    """Per-token sufficient statistics of one chunk for scoring subsets."""
+    """Per-token sufficient statistics of one chunk of tokens for scoring subsets.
+
+    With z the target output and w_S a subset's top-k weights on experts idx_S, a token's squared
+    error is |z|^2 - 2 w_S . (F z)[idx_S] + w_S^T G[idx_S, idx_S] w_S: O(k^2) per subset.
+    """
 
     logits: torch.Tensor  # [N, E]
-    gram: torch.Tensor  # [N, E, E] float64
-    full: torch.Tensor | None = None  # [N, E] dense routing of the target (layerwise)
-    target_dot: torch.Tensor | None = None  # [N, E] f_e . z (progressive)
-    target_sq: torch.Tensor | None = None  # [N] |z|^2 (progressive)
+    gram: torch.Tensor  # [N, E, E] float64, f_e . f_e'
+    target_sq: torch.Tensor  # [N] float64, |z|^2
+    target_dot: torch.Tensor  # [N, E] float64, f_e . z
+    # Layerwise: the target is the full routing's output; a subset that routes a token exactly
+    # like that has error exactly 0 (as in the reference), not the rounding of the expansion.
+    full_index: torch.Tensor | None = None  # [N, k]
+    full_weights: torch.Tensor | None = None  # [N, k] float32
 
 
 class _LayerSearch:
@@ -183,18 +186,22 @@ class _LayerSearch:
 
     def add(self, stats: _Statistics, router: SubsetRouter, budget: int) -> None:
         n, e = stats.logits.shape
-        step = max(1, budget // max(1, n * e * 8 * 3))
+        k = router.top_k
+        step = max(1, budget // max(1, n * (e * 12 + k * k * 24)))
+        rows = torch.arange(n, device=stats.logits.device)
+        gram = stats.gram.reshape(n, e * e)
         for start in range(0, len(self.candidates), step):
-            masks = self.masks[start : start + step]
-            weights = router.dense(stats.logits, masks)  # [c, N, E]
-            if stats.full is not None:
-                diff = stats.full.unsqueeze(0) - weights
-                sq = (torch.einsum("cne,nef->cnf", diff, stats.gram) * diff).sum(dim=(1, 2))
-            else:
-                quad = (torch.einsum("cne,nef->cnf", weights, stats.gram) * weights).sum(dim=(1, 2))
-                cross = torch.einsum("cne,ne->c", weights, stats.target_dot)
-                sq = stats.target_sq.sum() - 2 * cross + quad
-            self._batch_sq[start : start + step] += sq
+            index, weights32 = router.route(stats.logits, self.masks[start : start + step])  # [c, N, k]
+            weights = weights32.double()
+            dot = stats.target_dot[rows[None, :, None], index]  # [c, N, k]
+            pairs = index.unsqueeze(-1) * e + index.unsqueeze(-2)  # [c, N, k, k]
+            g = gram[rows[None, :, None, None], pairs]
+            quad = (weights.unsqueeze(-1) * g * weights.unsqueeze(-2)).sum(dim=(-1, -2))
+            per_token = stats.target_sq - 2 * (weights * dot).sum(dim=-1) + quad  # [c, N]
+            if stats.full_index is not None:
+                same = (index == stats.full_index).all(dim=-1) & (weights32 == stats.full_weights).all(dim=-1)
+                per_token = per_token.masked_fill(same, 0.0)
+            self._batch_sq[start : start + step] += per_token.sum(dim=1)
 
     def end_batch(self) -> None:
         # Rounding can leave a tiny negative sum in the expanded (progressive) form.
@@ -233,15 +240,16 @@ def _statistics(
     gram = f @ f.transpose(1, 2)  # [n, E, E]
     logits = call.logits[start:stop]
     if target is None:
-        full = torch.ones((1, num_experts), dtype=torch.bool, device=logits.device)
-        return _Statistics(logits, gram, full=router.dense(logits, full)[0])
+        everything = torch.ones((1, num_experts), dtype=torch.bool, device=logits.device)
+        index, weights = router.route(logits, everything)
+        dense = torch.zeros((hidden.shape[0], num_experts), dtype=torch.float64, device=logits.device)
+        dense.scatter_(1, index[0], weights[0].double())
+        target_dot = torch.einsum("nef,nf->ne", gram, dense)  # f_e . z with z = sum_f w_f f_f
+        return _Statistics(
+            logits, gram, (dense * target_dot).sum(dim=-1), target_dot, index[0], weights[0]
+        )
     z = target[start:stop].double()  # [n, d]
-    return _Statistics(
-        logits,
-        gram,
-        target_dot=torch.einsum("ned,nd->ne", f, z),
-        target_sq=(z * z).sum(dim=-1),
-    )
+    return _Statistics(logits, gram, (z * z).sum(dim=-1), torch.einsum("ned,nd->ne", f, z))
 
 
 # ----------------------------------------------------------------------------------- driver
