@@ -109,3 +109,24 @@ def test_seed_candidates_from_method_names(tmp_path, model_dir):
     assert again[0].kept_experts() == seeds[0].kept_experts()
     with pytest.raises(ValueError, match="neither a candidate file nor a one-shot method"):
         seed_candidates(["neee"], str(model_dir), "count", 4, out)
+
+
+def test_campaign_seeds_its_search_from_method_names(tmp_path, model_dir):
+    from eep.campaign import Campaign
+    from eep.config import config_from_dict
+
+    config = config_from_dict({
+        "model": str(model_dir), "task": "count", "keep": 4,
+        "strategy": {"kind": "eep", "init_population": 4, "discrete_iter": 6, "total_iter": 8},
+        "init_from": ["naee", "frequency"],
+        "output": {"run_dir": str(tmp_path / "run"), "export": False},
+    })
+    campaign = Campaign(config, quiet=True)
+    first = [campaign.strategy.ask(1)[0] for _ in range(2)]
+    naee = Candidate.load(tmp_path / "run" / "init_naee.safetensors")
+    frequency = Candidate.load(tmp_path / "run" / "init_frequency.safetensors")
+    assert naee.extra["method"] == "naee" and "task count" in naee.extra["calibration"]
+    def kept(c):
+        return [sorted(layer) for layer in c.kept_experts()]
+
+    assert [kept(c) for c in first] == [kept(naee), kept(frequency)]  # the seeds come first
