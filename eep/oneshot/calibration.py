@@ -355,7 +355,8 @@ def stream_layer_calls(
     for i, layer in enumerate(moe):
         handles.append(layer.gate.register_forward_hook(_gate_hook(i, state, gate_override)))
         if i in wanted or i == stop_after:
-            handles.append(layer.experts.register_forward_hook(_experts_hook(i, layer, state, on_call, wanted, stop_after)))
+            hook = _experts_hook(i, layer, state, on_call, wanted, stop_after)
+            handles.append(layer.experts.register_forward_hook(hook, with_kwargs=True))
     try:
         for b, batch in enumerate(calibration):
             state["batch"] = b
@@ -383,9 +384,11 @@ def _gate_hook(i: int, state: dict, override: Callable | None):
 
 
 def _experts_hook(i: int, layer: MoELayer, state: dict, on_call, wanted: set[int], stop_after):
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         if i in wanted:
-            hidden, index, weights = args[:3]
+            named = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args, strict=False))
+            named.update(kwargs)
+            hidden, index, weights = named["hidden_states"], named["top_k_index"], named["top_k_weights"]
             keep = state["keep"]
             if keep.numel() != hidden.shape[0]:
                 raise RuntimeError(
