@@ -8,8 +8,10 @@ Each worker is a Ray actor with one CPU and one torch thread holding a tiny MoE
 tokenizer); candidates are random 4-of-8 prunings scored on the `add` task's search split. The
 driver keeps every actor busy (submit on completion, as a campaign does); the rate is measured
 after every actor has loaded and scored one warm-up candidate. Efficiency = rate(N) / (N *
-rate(1)). Prints one JSON object; the machine's load average is part of it because other
-processes on the same cores lower the figure.
+rate(1)). Utilisation = evaluation seconds / (N * wall seconds): the share of time the actors
+were scoring, i.e. what the pool's dispatch costs, apart from how fast each evaluation runs.
+Prints one JSON object; the machine's load average is part of it because other processes on
+the same cores lower the efficiency (not the utilisation).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from eep.distributed import ray_runtime
 from eep.distributed.pool import Job, WorkerSpec
 from eep.models.loading import BUILTIN_MODELS
 
+RANDOM_MODEL = "tiny random Mixtral: 4 layers, hidden 128, 8 experts of 256, top-2, char vocab"
+
 
 def tiny_model_dir(tmp: Path) -> str:
     """`builtin:tiny-moe` when trained, else a tiny random Mixtral with the char tokenizer."""
@@ -39,7 +43,7 @@ def tiny_model_dir(tmp: Path) -> str:
     from eep.models.testing import tiny_model
 
     path = tmp / "tiny-mixtral"
-    tiny_model("mixtral", num_layers=4, hidden_size=128, intermediate_size=256).save_pretrained(path)
+    tiny_model("mixtral", num_layers=4, hidden_size=128, intermediate_size=256, head_dim=32).save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     return str(path)
 
@@ -100,6 +104,8 @@ def measure(model: str, workers: int, evaluations: int, examples: int, seed: int
         "seconds": round(elapsed, 2),
         "evals_per_minute": round(60 * len(done) / elapsed, 1),
         "mean_eval_seconds": round(sum(seconds) / len(seconds), 3),
+        # share of the wall time the actors spent evaluating: what the pool's scheduling loses
+        "utilisation": round(sum(seconds) / (workers * elapsed), 3),
         "startup_seconds": round(ready, 1),
         "by_worker": {w: sum(1 for j in done if j.worker == w) for w in sorted({j.worker for j in done})},
     }
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         if base:
             r["efficiency"] = round(r["evals_per_minute"] / (r["workers"] * base), 3)
     print(json.dumps({
-        "model": model if not args.model and model.startswith("builtin:") else (args.model or "tiny random Mixtral (4 layers, 8 experts, hidden 128)"),
+        "model": args.model or (model if model.startswith("builtin:") else RANDOM_MODEL),
         "task": f"add, {args.examples} search examples, greedy generation",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "load_average_before": [round(x, 2) for x in load_before],
