@@ -40,10 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16, float16")
     parser.add_argument("--trust-remote-code", action="store_true", help="only for models you trust")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:
     """Prune, save the candidate and print what was kept."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     options = dict(samples=args.samples, max_length=args.max_length, batch_size=args.batch_size)
     if args.task:
         spec = task_calibration(args.task, args.split, **options)
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"calibration: {result.candidate.extra.get('calibration', '')}, {result.calibration_tokens} tokens")
     if result.naee is not None:
         n = result.naee
-        print(f"NAEE {n.order}: {', '.join(sorted(set(n.methods)))}, {n.passes} passes, "
+        print(f"NAEE {n.order}: {', '.join(sorted(set(n.methods)))}, passes over the data: {n.passes}, "
               f"{sum(n.layer_seconds) / len(n.layer_seconds):.3f} s per layer scoring")
     if result.skip_thresholds is not None:
         print("skip thresholds: " + ", ".join(f"{t:.3f}" for t in result.skip_thresholds))

@@ -334,7 +334,7 @@ def naee_prune(
         layer_seconds=[s.seconds for s in searches],
     )
     log.info(
-        "NAEE %s: %d layers, %d passes, %.2f s; kept %s",
+        "NAEE %s: %d layers, passes over the data: %d, %.2f s; kept %s",
         order, len(layers), result.passes, result.seconds, result.kept,
     )
     return result
