@@ -54,8 +54,7 @@ def measure(model: str, workers: int, evaluations: int, examples: int, seed: int
 
     config = config_from_dict({
         "model": model,
-        "task": {"name": "add", "source": {"kind": "builtin", "name": "add"},
-                 "splits": {"search": examples, "dev": 1, "test": 1}},
+        "task": _task(examples),
         "keep": 4,
         "strategy": {"kind": "random", "budget": evaluations},
         "workers": workers,
@@ -111,6 +110,52 @@ def measure(model: str, workers: int, evaluations: int, examples: int, seed: int
     }
 
 
+def _plain_worker(model: str, examples: int, count: int, seed: int, barrier, out) -> None:
+    """One process without Ray: build the evaluator, then score `count` candidates."""
+    from eep.distributed.pool import build_evaluators
+
+    spec = WorkerSpec(model=model, task=_task(examples), device="cpu", threads=1, splits=("search",))
+    evaluator = build_evaluators(spec)["search"]
+    generator = torch.Generator().manual_seed(seed)
+    num_layers = _num_moe_layers(model)
+    evaluator.evaluate(Candidate.random_pruning(num_layers, 8, 4, generator))  # warm-up
+    barrier.wait()
+    start = time.perf_counter()
+    for _ in range(count):
+        evaluator.evaluate(Candidate.random_pruning(num_layers, 8, 4, generator))
+    out.put(time.perf_counter() - start)
+
+
+def measure_without_ray(model: str, workers: int, evaluations: int, examples: int) -> dict:
+    """The machine's own ceiling: `workers` plain processes scoring side by side, no Ray."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, out = context.Barrier(workers), context.Queue()
+    count = evaluations // workers
+    procs = [context.Process(target=_plain_worker, args=(model, examples, count, i, barrier, out))
+             for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    elapsed = max(out.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    return {"workers": workers, "evaluations": count * workers, "seconds": round(elapsed, 2),
+            "evals_per_minute": round(60 * count * workers / elapsed, 1)}
+
+
+def _task(examples: int) -> dict:
+    return {"name": "add", "source": {"kind": "builtin", "name": "add"},
+            "splits": {"search": examples, "dev": 1, "test": 1}}
+
+
+def _efficiency(runs: list[dict]) -> None:
+    base = next((r["evals_per_minute"] for r in runs if r["workers"] == 1), None)
+    for r in runs:
+        if base:
+            r["efficiency"] = round(r["evals_per_minute"] / (r["workers"] * base), 3)
+
+
 def _num_moe_layers(model: str) -> int:
     from eep.models.families import model_shape
     from eep.models.loading import load_config
@@ -124,20 +169,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluations", type=int, default=40, help="measured evaluations per setting")
     parser.add_argument("--examples", type=int, default=100, help="search-split examples per evaluation")
     parser.add_argument("--model", help="MODEL (default: builtin:tiny-moe or a tiny random Mixtral)")
+    parser.add_argument("--without-ray", action="store_true",
+                        help="also measure plain processes side by side (the machine's ceiling)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or tiny_model_dir(Path(tmp))
         load_before = os.getloadavg()
+        ceiling = []
+        if args.without_ray:
+            ceiling = [measure_without_ray(model, w, args.evaluations, args.examples) for w in args.workers]
         ray_runtime.connect(num_cpus=max(args.workers))
         try:
             runs = [measure(model, w, args.evaluations, args.examples) for w in args.workers]
         finally:
             ray_runtime.shutdown()
-    base = next((r["evals_per_minute"] for r in runs if r["workers"] == 1), None)
-    for r in runs:
-        if base:
-            r["efficiency"] = round(r["evals_per_minute"] / (r["workers"] * base), 3)
+    _efficiency(runs)
+    _efficiency(ceiling)
     print(json.dumps({
         "model": args.model or (model if model.startswith("builtin:") else RANDOM_MODEL),
         "task": f"add, {args.examples} search examples, greedy generation",
@@ -145,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "runs": runs,
+        **({"without_ray": ceiling} if ceiling else {}),
     }, indent=2))
 
 
