@@ -152,6 +152,23 @@ def quality(args) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows, tasks))
+    print(skipping_summary(rows))
+
+
+def skipping_summary(rows: list[dict]) -> str:
+    """Skipped share of expert calls on the test split, and evaluation time with / without."""
+    lines = ["| keep | skipped expert calls (mean, min-max) | eval s without | eval s with | ratio |",
+             "|---|---|---|---|---|"]
+    for keep in sorted({r["keep"] for r in rows}, reverse=True):
+        on = [r for r in rows if r["keep"] == keep and r["skip"]]
+        off = [r for r in rows if r["keep"] == keep and not r["skip"]]
+        share = [r["skipped_fraction"] for r in on]
+        with_s, without_s = sum(r["seconds"] for r in on), sum(r["seconds"] for r in off)
+        lines.append(
+            f"| {keep} | {statistics.mean(share):.1%} ({min(share):.1%}-{max(share):.1%}) | "
+            f"{without_s:.1f} | {with_s:.1f} | {with_s / without_s:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def _restore(net, surgery) -> None:
