@@ -300,7 +300,24 @@ class Campaign:
         search_count = self.progress.search_records
 
         name = {"eep": "eep", "random": "random_search", "coordinate_descent": "coordinate_descent"}[kind]
+        prune_only = getattr(self.strategy, "prune_only_best", None)
+        prune_only_choice: list[tuple[Candidate, float]] = []
+        if prune_only is not None:
+            ranked = prune_only(dev_top)
+            if ranked:
+                best, search_score, dev_score = self._choose_on_dev(ranked)
+                chosen["eep_prune_only"] = best
+                prune_only_choice = [(best, search_score)]
+                pruning_evals = sum(
+                    1 for r in self.runlog.records if r["split"] == "search" and r.get("phase") in ("init", "prune")
+                )
+                methods["eep_prune_only"] = {
+                    "id": best.id, "search": search_score, "dev": dev_score, "evaluations": pruning_evals,
+                }
         ranked = self.strategy.best(dev_top)
+        # The pruning phase's dev winner stays in the running: after the merging phase the top by
+        # search score can be all merged candidates that overfit the search split.
+        ranked += [c for c in prune_only_choice if c[0].id not in {r[0].id for r in ranked}]
         if ranked:
             best, search_score, dev_score = self._choose_on_dev(ranked)
             chosen[name] = best
@@ -311,18 +328,6 @@ class Campaign:
                 "note": "no complete candidate within the budget (every layer pruned)",
             }
             log.warning("%s: %s", name, methods[name]["note"])
-        prune_only = getattr(self.strategy, "prune_only_best", None)
-        if prune_only is not None:
-            ranked = prune_only(dev_top)
-            if ranked:
-                best, search_score, dev_score = self._choose_on_dev(ranked)
-                chosen["eep_prune_only"] = best
-                pruning_evals = sum(
-                    1 for r in self.runlog.records if r["split"] == "search" and r.get("phase") in ("init", "prune")
-                )
-                methods["eep_prune_only"] = {
-                    "id": best.id, "search": search_score, "dev": dev_score, "evaluations": pruning_evals,
-                }
 
         generator = torch.Generator().manual_seed(cfg.seed + 1_000_003)
         baselines = [

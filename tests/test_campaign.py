@@ -100,6 +100,7 @@ def test_campaign_runs_to_a_summary(tmp_path, model_dir, workers):
     assert set(methods) == {"full", "random", "eep", "eep_prune_only"}
     assert methods["full"]["test"] == 1.0
     assert methods["eep"]["evaluations"] == 31  # total_iter + 1, as the authors ran
+    assert methods["eep"]["dev"] >= methods["eep_prune_only"]["dev"]  # the pruning winner competes
     records = RunLog.open(tmp_path / "run").records
     search = [r for r in records if r["split"] == "search"]
     assert len({r["hash"] for r in search}) == len(search) == 31  # no candidate scored twice
