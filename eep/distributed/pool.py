@@ -145,7 +145,14 @@ def build_evaluators(spec: WorkerSpec) -> dict:
         trust_remote_code=spec.trust_remote_code,
     )
     task = TaskSpec.from_dict(spec.task)
-    first = Evaluator(loaded, task, split=spec.splits[0], device=device, batch_size=spec.batch_size)
+    first = Evaluator(
+        loaded,
+        task,
+        split=spec.splits[0],
+        device=device,
+        batch_size=spec.batch_size,
+        originals_device="cpu" if spec.originals_on_cpu else None,
+    )
     evaluators = {spec.splits[0]: first}
     for split in spec.splits[1:]:
         evaluators[split] = first.for_split(split)
