@@ -1,0 +1,320 @@
+"""Train the built-in tiny Mixtral MoE on the synthetic task suite (CPU, ~25 minutes on 2 cores).
+
+    python -m eep.builtin.train_tiny --out eep/builtin/tiny-moe --steps 4500 --seed 0
+
+The same seed, step count and thread count give the same weights (with one torch build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+# OpenMP threads that spin while waiting made a training step ~15x slower when other processes
+# share the 2 cores (84 s vs 5.7 s for 10 steps, measured); sleeping waiters cost little when the
+# machine is quiet. Read once when torch loads, so it has to be set before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GenerationConfig,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from eep.builtin.tokenizer import build_tokenizer  # noqa: E402
+from eep.tasks.example import Example  # noqa: E402
+from eep.tasks.synthetic import SYNTHETIC_TASKS, make_examples  # noqa: E402
+
+# Base share of each batch per task: the tasks that need more than a copy/shift (carry,
+# counting, matching a key) get more of it. During training each share is further scaled by the
+# task's current error rate on training examples, so learned tasks stop taking the budget.
+TASK_WEIGHTS: dict[str, float] = {
+    "add": 2.0,
+    "reverse": 1.0,
+    "sort": 1.5,
+    "caesar": 1.0,
+    "count": 2.0,
+    "lookup": 3.0,
+    "compare": 1.0,
+}
+TRAIN_POOL = 30_000  # distinct training examples per task (fewer where the task has fewer)
+# Tasks with small prompt spaces: most of their train split (add 8,028 prompts, compare 6,431,
+# lookup 8,936, count ~13,100).
+TRAIN_POOL_SMALL = {"add": 7_500, "compare": 6_000, "lookup": 8_500, "count": 12_000}
+EVAL_EXAMPLES = 200
+REWEIGHT_EVERY = 250
+REWEIGHT_EXAMPLES = 100
+MIN_ERROR_SHARE = 0.15  # a learned task keeps this share of its base weight, so it stays learned
+
+
+def model_config(tokenizer: PreTrainedTokenizerFast) -> MixtralConfig:
+    """The tiny Mixtral: 4 layers, hidden 128, 8 experts of intermediate 256, top-2."""
+    return MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        # Mixtral's default theta (1e6) barely rotates most channels within 30 positions; the
+        # tasks need exact positions (reverse, shift, lookup), so use the classic 1e4.
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        router_aux_loss_coef=0.02,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]]
+) -> list[tuple[list[int], int]]:
+    """Per (prompt, continuation): ids of `<s> prompt continuation </s>`, continuation start."""
+    # Batched calls: the per-call Python overhead of the tokenizer dominates for short strings.
+    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
+    rests = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [(p + r + [eos], len(p)) for p, r in zip(prompts, rests, strict=True)]
+
+
+def collate(
+    rows: list[tuple[list[int], int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels (-100 outside continuation + EOS)."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for r, (ids, start) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention_mask[r, : len(ids)] = 1
+        labels[r, start : len(ids)] = torch.tensor(ids[start:])
+    return input_ids, attention_mask, labels
+
+
+@torch.no_grad()
+def continuation_scores(
+    model: MixtralForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    pairs: list[tuple[str, str]],
+    batch_size: int = 256,
+) -> list[tuple[bool, float]]:
+    """Per (prompt, continuation): argmax matches every continuation+EOS token; its log-likelihood.
+
+    The log-likelihood sums the continuation's own tokens (EOS excluded), the usual option score.
+    """
+    results: list[tuple[bool, float]] = []
+    for b in range(0, len(pairs), batch_size):
+        rows = encode(tokenizer, pairs[b : b + batch_size])
+        input_ids, attention_mask, labels = collate(rows, tokenizer.pad_token_id)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # [batch, seq-1, vocab]
+        targets = labels[:, 1:]  # [batch, seq-1]
+        mask = targets != -100
+        hit = (logprobs.argmax(-1) == targets) | ~mask
+        token_lp = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        for r, (ids, _) in enumerate(rows):
+            eos_pos = len(ids) - 2  # position predicting the EOS in the shifted frame
+            lp = (token_lp[r] * mask[r])[:eos_pos].sum()
+            results.append((bool(hit[r].all()), float(lp)))
+    return results
+
+
+def accuracy(
+    model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+) -> float:
+    """Exact match (teacher-forced argmax) for generation; highest-likelihood option for MC."""
+    if not examples:
+        return 0.0
+    if examples[0].is_multiple_choice:
+        pairs = [(ex.prompt, opt) for ex in examples for opt in ex.options]
+        scores = continuation_scores(model, tokenizer, pairs)
+        correct, i = 0, 0
+        for ex in examples:
+            lls = [lp for _, lp in scores[i : i + len(ex.options)]]
+            i += len(ex.options)
+            correct += int(max(range(len(lls)), key=lls.__getitem__) == ex.label)
+        return correct / len(examples)
+    scores = continuation_scores(model, tokenizer, [(ex.prompt, ex.answers[0]) for ex in examples])
+    return sum(hit for hit, _ in scores) / len(examples)
+
+
+def evaluate_tasks(
+    model: MixtralForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    split: str,
+    n: int = EVAL_EXAMPLES,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Accuracy per synthetic task on `n` examples of `split`."""
+    was_training = model.training
+    model.eval()
+    result = {
+        name: accuracy(model, tokenizer, make_examples(name, split, n, seed=seed))
+        for name in SYNTHETIC_TASKS
+    }
+    model.train(was_training)
+    return result
+
+
+def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train(
+    out: Path,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    warmup: int = 200,
+    eval_every: int = 500,
+    threads: int = 1,
+) -> dict:
+    """Train, save to `out` in bfloat16, reload as saved and report per-task test accuracy."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = build_tokenizer()
+
+    pools: dict[str, list[tuple[list[int], int]]] = {}
+    for name in SYNTHETIC_TASKS:
+        n = TRAIN_POOL_SMALL.get(name, TRAIN_POOL)
+        # MC examples are trained on the correct option, which `answers` holds.
+        examples = make_examples(name, "train", n, seed=seed)
+        pools[name] = encode(tokenizer, [(ex.prompt, ex.answers[0]) for ex in examples])
+    names = list(SYNTHETIC_TASKS)
+    weights = [TASK_WEIGHTS[name] for name in names]
+    probe = {name: make_examples(name, "train", REWEIGHT_EXAMPLES, seed=seed) for name in names}
+
+    model = MixtralForCausalLM(model_config(tokenizer))
+    model.set_experts_implementation("eager")
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "gate.weight" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "gate.weight" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+        fused=True,  # one kernel over all tensors instead of a Python loop (CPU supports it)
+    )
+
+    start = time.time()
+    running = 0.0
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        tasks = rng.choices(names, weights=weights, k=batch_size)
+        rows = [rng.choice(pools[name]) for name in tasks]
+        input_ids, attention_mask, labels = collate(rows, tokenizer.pad_token_id)
+        loss = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            output_router_logits=True,
+        ).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if (step + 1) % 50 == 0:
+            print(f"step {step + 1} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
+        if (step + 1) % REWEIGHT_EVERY == 0 and step + 1 < steps:
+            model.eval()
+            acc = {name: accuracy(model, tokenizer, probe[name]) for name in names}
+            model.train()
+            weights = [TASK_WEIGHTS[n] * max(MIN_ERROR_SHARE, 1.0 - acc[n]) for n in names]
+            print(f"step {step + 1} train " + _fmt(acc), flush=True)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            acc = evaluate_tasks(model, tokenizer, "search", n=100)
+            print(f"step {step + 1} search " + _fmt(acc), flush=True)
+    train_seconds = time.time() - start
+
+    out.mkdir(parents=True, exist_ok=True)
+    # bfloat16 halves the folder (3.4M params: 6.8 MB instead of 13.7 MB); accuracy below is
+    # measured on these rounded weights.
+    model.to(torch.bfloat16).save_pretrained(out)
+    # Stored in bfloat16, computed in float32: a plain from_pretrained then gives float32 (bf16
+    # matmuls on a CPU are slow), and float32 holds every bfloat16 value exactly.
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(out)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=8,
+    ).save_pretrained(out)
+
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    saved.set_experts_implementation("eager")
+    test = evaluate_tasks(saved, tokenizer, "test", n=EVAL_EXAMPLES)
+    record = {
+        "steps": steps,
+        "seed": seed,
+        "batch_size": batch_size,
+        "peak_lr": lr,
+        "warmup_steps": warmup,
+        "threads": threads,
+        "torch": torch.__version__,
+        "train_seconds": round(train_seconds, 1),
+        "parameters": sum(p.numel() for p in saved.parameters()),
+        "test_examples_per_task": EVAL_EXAMPLES,
+        "test_accuracy": test,
+        "test_accuracy_mean": round(sum(test.values()) / len(test), 4),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print("test (as saved, float32) " + _fmt(test), flush=True)
+    print(f"trained {steps} steps in {train_seconds:.0f}s; saved to {out}", flush=True)
+    return record
+
+
+def _fmt(acc: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("eep/builtin/tiny-moe"))
+    parser.add_argument("--steps", type=int, default=4500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-every", type=int, default=500)
+    # One thread: this model's many small ops wait at a barrier per op with two, which costs more
+    # than it gains whenever anything else runs on the 2 cores. Results depend on the count.
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    train(
+        args.out,
+        args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        threads=args.threads,
+    )
+
+
+if __name__ == "__main__":
+    main()
