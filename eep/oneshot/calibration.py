@@ -41,6 +41,7 @@ from torch import nn
 from eep.models.families import MoELayer, moe_layers
 
 DEFAULT_MAX_LENGTH = 2048  # the authors' max_block_size
+DEFAULT_BUILTIN_SAMPLES = 256  # texts of the built-in mix when `samples` is not given
 CalibrationSource = Literal["builtin", "task", "jsonl", "hf"]
 
 
@@ -59,7 +60,9 @@ class CalibrationSpec(BaseModel):
     split: str | None = Field(default=None, description="hf split (train) or task split (search)")
     task: str | dict | None = Field(default=None, description="task name, YAML path or spec")
     text_field: str = "text"
-    samples: int = Field(default=256, ge=1, description="documents / examples to use")
+    samples: int | None = Field(
+        default=None, ge=1, description="documents / examples to use (None: builtin 256, else all)"
+    )
     max_length: int | None = Field(default=None, ge=2, description="block or row length (tokens)")
     pack: bool | None = Field(default=None, description="concatenate into blocks (None: by source)")
     batch_size: int = Field(default=8, ge=1, description="rows per forward (one loss batch)")
@@ -82,7 +85,13 @@ class CalibrationSpec(BaseModel):
         else:
             what = f"hf {self.path}" + (f"/{self.name}" if self.name else "")
             what += f" ({self.split or 'train'})"
-        return f"{what}, {self.samples} samples, {'packed' if self.packs else 'one per row'}"
+        count = "all" if self.samples is None and self.source != "builtin" else self.limit
+        return f"{what}, {count} samples, {'packed' if self.packs else 'one per row'}"
+
+    @property
+    def limit(self) -> int | None:
+        """Documents to take: `samples`, the built-in mix's default, or None (all)."""
+        return self.samples or (DEFAULT_BUILTIN_SAMPLES if self.source == "builtin" else None)
 
 
 def parse_calibration(text: str, **overrides: Any) -> CalibrationSpec:
@@ -120,7 +129,6 @@ def task_calibration(task: Any, split: str = "search", **overrides: Any) -> Cali
     if hasattr(task, "model_dump"):
         task = task.model_dump(mode="json")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    overrides.setdefault("samples", 10**9)  # the whole split unless asked otherwise
     return CalibrationSpec(source="task", task=task, split=split, **overrides)
 
 
@@ -149,11 +157,11 @@ def example_text(example, builtin: bool) -> str:
 def _builtin_texts(spec: CalibrationSpec) -> list[str]:
     from eep.tasks.synthetic import SYNTHETIC_TASKS, make_examples
 
-    per_task = math.ceil(spec.samples / len(SYNTHETIC_TASKS))
+    per_task = math.ceil(spec.limit / len(SYNTHETIC_TASKS))
     pools = [make_examples(name, "train", per_task, seed=spec.seed) for name in SYNTHETIC_TASKS]
     # Interleaved, so any prefix of the list (and every batch) mixes the tasks.
     mixed = [pool[i] for i in range(per_task) for pool in pools]
-    return [example_text(ex, builtin=True) for ex in mixed[: spec.samples]]
+    return [example_text(ex, builtin=True) for ex in mixed[: spec.limit]]
 
 
 def _task_texts(spec: CalibrationSpec) -> list[str]:
@@ -163,7 +171,7 @@ def _task_texts(spec: CalibrationSpec) -> list[str]:
     if spec.task is None:
         raise CalibrationError("calibration source 'task' needs a task")
     task = resolve_task(spec.task)
-    examples = load_examples(task, spec.split or "search")[: spec.samples]
+    examples = load_examples(task, spec.split or "search")[: spec.limit]
     builtin = task.source.kind == "builtin" and task.prompt is None
     return [example_text(ex, builtin=builtin) for ex in examples]
 
@@ -175,18 +183,19 @@ def _jsonl_texts(spec: CalibrationSpec) -> list[str]:
     if not path.is_file():
         raise CalibrationError(f"{path}: calibration file not found")
     # Reservoir sampling: a seeded uniform sample of `samples` lines in one pass, holding only the
-    # sample (a C4 shard does not fit comfortably in memory as a list).
+    # sample (a C4 shard does not fit comfortably in memory as a list). None: every line.
+    limit = spec.limit if spec.limit is not None else float("inf")
     rng = random.Random(spec.seed)
     reservoir: list[tuple[int, str]] = []
     with path.open() as f:
         for n, line in enumerate(f):
             if not line.strip():
                 continue
-            if len(reservoir) < spec.samples:
+            if len(reservoir) < limit:
                 reservoir.append((n, line))
             else:
                 j = rng.randrange(n + 1)
-                if j < spec.samples:
+                if j < limit:
                     reservoir[j] = (n, line)
     texts = []
     for n, line in reservoir:
@@ -212,7 +221,9 @@ def _hf_texts(spec: CalibrationSpec) -> list[str]:
         raise CalibrationError(
             f"hf {spec.path}: no column {spec.text_field!r}; columns: {', '.join(data.column_names)}"
         )
-    data = data.shuffle(seed=spec.seed).select(range(min(spec.samples, len(data))))
+    data = data.shuffle(seed=spec.seed)
+    if spec.limit is not None:
+        data = data.select(range(min(spec.limit, len(data))))
     return [str(t) for t in data[spec.text_field]]
 
 
