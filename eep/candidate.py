@@ -147,6 +147,9 @@ class Candidate:
         """Stable hash of what the candidate computes (matrices, top-k, mapping mode)."""
         h = hashlib.sha256()
         h.update(json.dumps([self.num_experts, self.top_k, self.router_mapping]).encode())
+        # Dynamic-skipping thresholds change what the candidate computes (eep.oneshot.skipping).
+        if self.extra.get("skip_thresholds") is not None:
+            h.update(json.dumps(self.extra["skip_thresholds"]).encode())
         for r, m in zip(self.router_map, self.expert_merge, strict=True):
             for t in (r, m):
                 # + 0.0 turns -0.0 into 0.0 so equal values hash equally.

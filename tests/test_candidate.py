@@ -50,6 +50,8 @@ def test_hash_is_stable_and_ignores_metadata():
     assert a.content_hash() == "3ea66d9e6d920936ba21"
     assert a.content_hash() != Candidate.from_kept([[1, 0], [2, 3]], 8).content_hash()
     assert a.content_hash() != Candidate.from_kept([[0, 1], [2, 3]], 8, top_k=1).content_hash()
+    skipping = a.with_meta(extra={"skip_thresholds": [0.5, 0.5]})
+    assert skipping.content_hash() != a.content_hash()
     negzero = a.clone()
     negzero.expert_merge[0][0, 3] = -0.0
     assert negzero.content_hash() == a.content_hash()
