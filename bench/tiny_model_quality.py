@@ -2,8 +2,8 @@
 
     python bench/tiny_model_quality.py [--model eep/builtin/tiny-moe] [--n 200] [--draws 5]
 
-Pruning keeps 4 of 8 experts per layer by setting the dropped experts' router logits to -inf
-(a forward hook on each gate), which gives exactly the logits of the sliced stock checkpoint.
+Pruning keeps 4 of 8 experts per layer with `Surgery` (the model really holds the kept experts);
+routing histograms come from `eep.routing_stats` (what `eep inspect --routing` prints).
 """
 
 from __future__ import annotations
@@ -14,50 +14,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eep.builtin.train_tiny import collate, encode, evaluate_tasks
-from eep.tasks.synthetic import SYNTHETIC_TASKS, make_examples
+from eep.builtin.train_tiny import evaluate_tasks
+from eep.candidate import Candidate
+from eep.models.loading import load_model
+from eep.models.surgery import Surgery
+from eep.routing_stats import routing_histograms
+from eep.tasks.synthetic import SYNTHETIC_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@torch.no_grad()
-def routing_histograms(model, tokenizer, n: int) -> dict[str, torch.Tensor]:
-    """Per task: [layers, experts] share of top-k choices over all tokens of its test examples."""
-    top_k = model.config.num_experts_per_tok
-    result = {}
-    for name in SYNTHETIC_TASKS:
-        examples = make_examples(name, "test", n)
-        rows = encode(tokenizer, [(ex.prompt, ex.answers[0]) for ex in examples])
-        input_ids, attention_mask, _ = collate(rows, tokenizer.pad_token_id)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
-        real = attention_mask.reshape(-1).bool()
-        counts = []
-        for logits in out.router_logits:  # per layer: [batch*seq, experts]
-            chosen = logits[real].topk(top_k, dim=-1).indices.reshape(-1)
-            counts.append(torch.bincount(chosen, minlength=logits.shape[-1]).float())
-        hist = torch.stack(counts)  # [layers, experts]
-        result[name] = hist / hist.sum(-1, keepdim=True)
-    return result
-
-
-def keep_only(model, kept: list[list[int]]) -> list:
-    """Mask every expert outside kept[layer] out of its router; returns the hook handles."""
-    handles = []
-    for layer, experts in zip(model.model.layers, kept, strict=True):
-        gate = layer.mlp.gate
-        mask = torch.full((gate.num_experts,), float("-inf"))
-        mask[experts] = 0.0
-
-        def hook(module, args, output, mask=mask):
-            logits = output[0] + mask  # [tokens, experts]
-            probs = torch.softmax(logits.float(), dim=-1)
-            top_value, top_index = probs.topk(module.top_k, dim=-1)
-            return logits, top_value / top_value.sum(-1, keepdim=True), top_index
-
-        handles.append(gate.register_forward_hook(hook))
-    return handles
 
 
 def mean(values) -> float:
@@ -74,9 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    model.set_experts_implementation("eager")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    loaded = load_model(str(args.model), "cpu", "float32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    surgery = Surgery(model)
     layers, experts = model.config.num_hidden_layers, model.config.num_local_experts
 
     start = time.time()
@@ -87,33 +52,20 @@ def main() -> None:
         print(f"  {name:8s} {acc:.3f}")
     print(f"  mean     {mean(full.values()):.3f}")
 
-    hists = routing_histograms(model, tokenizer, args.n)
-    print("\nrouting: share of top-k choices per expert (%), per layer and task")
-    for layer in range(layers):
-        print(f"layer {layer}: " + " ".join(f"e{e:<3d}" for e in range(experts)))
-        for name in SYNTHETIC_TASKS:
-            row = " ".join(f"{100 * v:4.0f}" for v in hists[name][layer].tolist())
-            print(f"  {name:8s} {row}")
-    # Specialisation in one number per layer: mean total-variation distance between two tasks'
-    # histograms (0 = every task routes alike, 1 = disjoint experts).
-    print("\nmean pairwise total-variation distance between task routing histograms:")
-    for layer in range(layers):
-        tvs = [
-            0.5 * (hists[a][layer] - hists[b][layer]).abs().sum().item()
-            for i, a in enumerate(SYNTHETIC_TASKS)
-            for b in SYNTHETIC_TASKS[i + 1 :]
-        ]
-        print(f"  layer {layer}: {mean(tvs):.2f} (max {max(tvs):.2f})")
+    hists = routing_histograms(loaded, list(SYNTHETIC_TASKS), split="test", samples=args.n)
+    print("\n" + hists.format())
+    pairs = [(a, b) for a in range(len(hists.tasks)) for b in range(a + 1, len(hists.tasks))]
+    most = [max(hists.distance(a, b)[layer].item() for a, b in pairs) for layer in range(layers)]
+    print("largest pairwise distance per layer: " + ", ".join(f"{d:.2f}" for d in most))
 
     print(f"\nrandom pruning, keep {args.keep} of {experts} experts per layer:")
     pruned_means = []
     for draw in range(args.draws):
         rng = random.Random(draw)
         kept = [sorted(rng.sample(range(experts), args.keep)) for _ in range(layers)]
-        handles = keep_only(model, kept)
+        surgery.apply(Candidate.from_kept(kept, experts))
         acc = evaluate_tasks(model, tokenizer, "test", n=args.n)
-        for handle in handles:
-            handle.remove()
+        surgery.restore()
         pruned_means.append(mean(acc.values()))
         per_task = " ".join(f"{k}={v:.2f}" for k, v in acc.items())
         print(f"  draw {draw} kept {kept}: mean {pruned_means[-1]:.3f} ({per_task})")
@@ -123,12 +75,11 @@ def main() -> None:
         f"full model {mean(full.values()):.3f}"
     )
 
-    overall = torch.stack([hists[name] for name in SYNTHETIC_TASKS]).mean(0)  # [layers, experts]
+    overall = hists.shares.mean(0)  # [layers, experts]
     kept = [sorted(overall[layer].topk(args.keep).indices.tolist()) for layer in range(layers)]
-    handles = keep_only(model, kept)
+    surgery.apply(Candidate.from_kept(kept, experts))
     acc = evaluate_tasks(model, tokenizer, "test", n=args.n)
-    for handle in handles:
-        handle.remove()
+    surgery.restore()
     per_task = " ".join(f"{k}={v:.2f}" for k, v in acc.items())
     print(f"most-used {args.keep} per layer (all tasks) {kept}: mean {mean(acc.values()):.3f}")
     print(f"  ({per_task})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import LlamaConfig, MixtralConfig
 
 from eep.cli import main
@@ -92,3 +93,41 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     with pytest.raises(ValueError, match="activation allowance"):
         describe_model(tiny_config("mixtral"), activation_gib=-1)
+
+
+def test_routing_histograms_count_top_k_choices_per_task(capsys):
+    from eep.models.loading import load_model
+    from eep.oneshot.calibration import build_calibration, task_calibration
+    from eep.routing_stats import routing_histograms
+    from eep.tasks.registry import resolve_task
+
+    loaded = load_model("builtin:tiny-moe", "cpu", "float32")
+    hists = routing_histograms(loaded, ["sort", "count"], split="test", samples=6)
+    model = loaded.model
+    top_k, layers = model.config.num_experts_per_tok, model.config.num_hidden_layers
+    assert hists.shares.shape == (2, layers, 8)
+    for t, name in enumerate(["sort", "count"]):
+        # By hand: the stock router's logits of every real token of the same texts.
+        spec = task_calibration(resolve_task(name), "test", samples=6)
+        counts = torch.zeros(layers, 8)
+        for batch in build_calibration(spec, model, loaded.tokenizer):
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_router_logits=True)
+            real = batch.attention_mask.reshape(-1).bool()
+            for layer, logits in enumerate(out.router_logits):
+                chosen = logits[real].topk(top_k, dim=-1).indices.reshape(-1)
+                counts[layer] += torch.bincount(chosen, minlength=8).float()
+        assert torch.allclose(hists.shares[t].float(), counts / counts.sum(-1, keepdim=True))
+        assert hists.tokens[t] * top_k == int(counts[0].sum())
+    assert torch.equal(hists.distance(0, 0), torch.zeros(layers, dtype=torch.float64))
+    distances = hists.mean_distance()
+    assert len(distances) == layers and all(0.0 < d <= 1.0 for d in distances)
+
+    assert main(["inspect", "builtin:tiny-moe", "--routing", "sort", "count", "--samples", "6", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tasks"] == ["sort", "count"] and data["split"] == "test"
+    assert len(data["shares"]["count"]) == layers and len(data["mean_distance"]) == layers
+    assert main(["inspect", "builtin:tiny-moe", "--routing", "sort", "--samples", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "layer 3" in text and "sort" in text and "total-variation" not in text  # one task: no distance
+    assert main(["inspect", "builtin:tiny-moe", "--routing", "no-such-task"]) == 2
+    assert "no-such-task" in capsys.readouterr().err
