@@ -55,16 +55,25 @@ def test_prune_writes_a_candidate_that_surgery_and_export_accept(tmp_path, model
         assert report.stock and report.keep == 4
 
 
-def test_prune_task_specific_with_skipping(tmp_path, model_dir):
+def test_prune_task_specific_with_skipping(tmp_path, model_dir, capsys):
     out = tmp_path / "c.safetensors"
     argv = ["prune", "--model", str(model_dir), "--method", "naee", "--keep", "2", "--out", str(out),
             "--task", "count", "--samples", "12", "--skip", "--order", "progressive"]
     assert main(argv) == 0
+    capsys.readouterr()
     cand = Candidate.load(out)
     assert cand.extra["order"] == "progressive" and "task count" in cand.extra["calibration"]
     assert len(cand.extra["skip_thresholds"]) == 2 and cand.extra["skip_quantile"] == 0.5
     config = json.loads((export_model(str(model_dir), cand, tmp_path / "e").out_dir / "config.json").read_text())
     assert config["eep_skip_thresholds"] == cand.extra["skip_thresholds"]
+    # Median thresholds skip about half the tokens' second expert: a share strictly inside (0, 0.5].
+    argv = ["evaluate", "--model", str(model_dir), "--task", "count", "--limit", "6", "--json"]
+    assert main([*argv, "--candidate", str(out)]) == 0
+    assert 0.0 < json.loads(capsys.readouterr().out)["skipped_fraction"] <= 0.5
+    assert main(argv) == 0
+    assert "skipped_fraction" not in json.loads(capsys.readouterr().out)
+    assert main(argv[:-1] + ["--candidate", str(out)]) == 0
+    assert "% of expert calls skipped" in capsys.readouterr().out
 
 
 def test_prune_errors_name_the_problem(tmp_path, model_dir, capsys):

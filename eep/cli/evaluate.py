@@ -7,6 +7,7 @@ import json
 
 from eep.candidate import Candidate
 from eep.fitness import DEFAULT_BATCH_SIZE, Evaluator
+from eep.oneshot.skipping import installed_skipping
 
 NAME = "evaluate"
 HELP = "score a model, or a candidate applied to it, on a task split"
@@ -46,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         max_examples=args.limit,
     )
     result = evaluator.evaluate(candidate)
+    # A candidate from `eep prune --skip` is scored with dynamic skipping, installed afresh by this
+    # evaluate call: its counters cover exactly these examples.
+    skipping = installed_skipping(evaluator.model)
+    skipped = skipping.skipped_fraction() if skipping is not None else None
     if args.json:
         out = {
             "model": args.model,
@@ -53,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             "candidate": args.candidate,
             **result.to_dict(with_hits=False),
         }
+        if skipped is not None:
+            out["skipped_fraction"] = skipped
         print(json.dumps(out))
         return 0
     others = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != result.metric)
@@ -64,4 +71,6 @@ def run(args: argparse.Namespace) -> int:
         f"  {result.count} examples in {result.seconds:.2f} s, "
         f"{result.tokens_per_second:,.0f} tokens/s"
     )
+    if skipped is not None:
+        print(f"  dynamic skipping: {100 * skipped:.1f}% of expert calls skipped")
     return 0
