@@ -103,6 +103,10 @@ class CampaignConfig(_Frozen):
     budget: Budget = Budget()
     workers: int = Field(default=0, ge=0, description="0: in-process; N: N Ray actors")
     ray_address: str | None = Field(default=None, description="Ray cluster address (auto in a job)")
+    max_worker_restarts: int | None = Field(
+        default=None, ge=0,
+        description="dead Ray workers replaced before going on with fewer (default 3 per worker)",
+    )
     resources: Resources = Resources()
     evaluation: EvaluationSettings = EvaluationSettings()
     final: FinalSettings = FinalSettings()

@@ -296,9 +296,10 @@ def test_campaign_survives_killed_actors(cluster, model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_all_workers_gone_stops_cleanly_and_resumes(cluster, model_dir, tmp_path):
-    cfg = make_config(model_dir, tmp_path / "run")
+    cfg = make_config(model_dir, tmp_path / "run", max_worker_restarts=0)  # the YAML field
     pool = KillingPool(spec_of(cfg), cfg, build=fake_build(seconds=0.05), poll_seconds=0.1,
-                       max_restarts=0, kill_at=(5, 8))
+                       kill_at=(5, 8))
+    assert pool.max_restarts == 0
     with pytest.raises(PoolError, match="every Ray worker is gone"):
         Campaign(cfg, quiet=True, pool=pool).run()
     first = search_records(tmp_path / "run")

@@ -132,6 +132,8 @@ class RayPool:
     ) -> None:
         resources = config.resources
         self.target = max(1, config.workers)  # an address with workers: 0 still means one actor
+        if max_restarts is None:
+            max_restarts = config.max_worker_restarts
         self.max_restarts = (
             DEFAULT_RESTARTS_PER_WORKER * self.target if max_restarts is None else max_restarts
         )
