@@ -14,6 +14,12 @@ torch.set_num_threads(1)
 from eep.models.testing import TINY_FAMILIES, tiny_model  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one thread, whatever an earlier one (or an Evaluator) set."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(params=TINY_FAMILIES)
 def family(request) -> str:
     """Every supported family, one test instance each."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from eep.builtin.tokenizer import build_tokenizer
 from eep.candidate import Candidate
@@ -21,14 +20,6 @@ from eep.oneshot.calibration import (
     parse_calibration,
     task_calibration,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

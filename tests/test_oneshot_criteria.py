@@ -12,14 +12,6 @@ from eep.oneshot.calibration import Calibration
 from eep.oneshot.criteria import criteria_scores, keep_top, random_candidate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _calibration() -> Calibration:
     g = torch.Generator().manual_seed(11)
     rows = torch.randint(3, 96, (8, 14), generator=g).tolist()

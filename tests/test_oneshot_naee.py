@@ -15,15 +15,6 @@ from eep.oneshot.calibration import Calibration
 from eep.oneshot.naee import NAEEError, kept_from_losses, naee_prune
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second thread only adds contention on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _calibration(pad: bool = True) -> Calibration:
     g = torch.Generator().manual_seed(3)
     rows = torch.randint(3, 96, (9, 12), generator=g).tolist()

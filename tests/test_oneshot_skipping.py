@@ -30,14 +30,6 @@ from eep.oneshot.skipping import (
 TOKENS = torch.randint(3, 60, (3, 12), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _expert(layer, e: int, x: torch.Tensor) -> torch.Tensor:
     gate_up, down = layer.experts.gate_up_proj[e], layer.experts.down_proj[e]
     inter = down.shape[-1]
