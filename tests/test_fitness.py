@@ -233,8 +233,8 @@ def test_candidate_then_none_restores_original_scores(loaded, mc_task):
     ev = Evaluator(loaded, mc_task, batch_size=8)
     before = ev.evaluate(None)
     outputs = ev.last_outputs
-    pruned = ev.evaluate(candidates(ev)["prune"])
-    assert ev.last_outputs != outputs and pruned.hits != before.hits
+    ev.evaluate(candidates(ev)["prune"])
+    assert ev.last_outputs != outputs  # pruning changed the log-likelihoods (hits may agree by chance)
     after = ev.evaluate(None)
     assert after.hits == before.hits and ev.last_outputs == outputs  # bit for bit
 

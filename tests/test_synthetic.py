@@ -64,6 +64,12 @@ def test_generation_answers_are_correct() -> None:
     assert ex.answers == ("".join(sorted(ex.prompt.removeprefix("sort ").removesuffix("="))),)
     ex = make_examples("reverse", "train", 1)[0]
     assert ex.answers == (ex.prompt.removeprefix("reverse ").removesuffix("=")[::-1],)
+    for ex in make_examples("count", "train", 20):
+        letter, text = ex.prompt.removeprefix("count ").removesuffix("=").split(" in ")
+        assert ex.answers == (str(text.count(letter)),)
+    for ex in make_examples("lookup", "train", 20):
+        query, *pairs = ex.prompt.removeprefix("lookup ").removesuffix("=").split()
+        assert ex.answers == (dict(pairs)[query],)
 
 
 def test_multiple_choice_examples_are_well_formed() -> None:
