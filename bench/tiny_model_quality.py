@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5, help="random 4-of-8 pruning draws")
     parser.add_argument("--keep", type=int, default=4)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
 
     loaded = load_model(str(args.model), "cpu", "float32")
     model, tokenizer = loaded.model, loaded.tokenizer
