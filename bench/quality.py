@@ -6,6 +6,9 @@ Every campaign runs in-process on `builtin:tiny-moe` with the same budget and se
 reports test-split scores of the full model, random pruning (mean of the baselines), random
 search, coordinate descent, EEP prune-only and EEP prune+merge, and the number of search
 evaluations. `--curves` also prints best-so-far vs evaluations for EEP and random search.
+`--strategies ... eep_seeded` adds EEP whose initial population also holds the one-shot prunings
+(NAEE, soft activation, REAP, frequency on the search split). A finished campaign's summary is
+reused, so a later call with more strategies only runs the new cells.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def main() -> None:
     parser.add_argument("--keeps", nargs="*", type=int, default=[4, 2])
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=[*STRATEGIES, SEEDED])
     parser.add_argument("--budget", type=int, default=401, help="evaluations per search (authors: 401)")
-    parser.add_argument("--sizes", nargs=3, type=int, default=[64, 64, 200], metavar=("SEARCH", "DEV", "TEST"))
+    parser.add_argument("--sizes", nargs=3, type=int, default=[128, 128, 500], metavar=("SEARCH", "DEV", "TEST"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
     parser.add_argument("--out", default="runs/quality")
