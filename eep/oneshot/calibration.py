@@ -85,7 +85,7 @@ class CalibrationSpec(BaseModel):
         else:
             what = f"hf {self.path}" + (f"/{self.name}" if self.name else "")
             what += f" ({self.split or 'train'})"
-        count = "all" if self.samples is None and self.source != "builtin" else self.limit
+        count = self.limit if self.limit is not None else "all"
         return f"{what}, {count} samples, {'packed' if self.packs else 'one per row'}"
 
     @property
