@@ -34,6 +34,7 @@ from eep.oneshot import seed_candidates
 from eep.result import FitnessResult
 from eep.runlog import BEST_FILE, SUMMARY_FILE, RunLog
 from eep.search import BaseStrategy, build_strategy
+from eep.tasks.scorers import primary_metric, search_metric
 
 log = logging.getLogger(__name__)
 FULL_ID = "full"
@@ -358,6 +359,8 @@ class Campaign:
             "num_experts": self.shape.num_experts,
             "top_k": cfg.top_k or self.shape.top_k,
             "strategy": kind,
+            "metric": primary_metric(cfg.task),
+            "search_metric": search_metric(cfg.task),
             "search_evaluations": search_count,
             "search_seconds": self.progress.seconds(),
             "methods": methods,
@@ -472,8 +475,11 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"{summary['task']}: keep {summary['keep']} of {summary['num_experts']} experts, "
         f"top-{summary['top_k']}, test split",
-        f"{'method':<24} {'test':>7} {'dev':>7} {'search':>7} {'evals':>6}",
     ]
+    metric, searched = summary.get("metric"), summary.get("search_metric")
+    if metric and searched and metric != searched:
+        lines.append(f"test in {metric}; dev and search in {searched}")
+    lines.append(f"{'method':<24} {'test':>7} {'dev':>7} {'search':>7} {'evals':>6}")
     for key in order:
         if key not in methods:
             continue

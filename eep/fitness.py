@@ -37,7 +37,7 @@ from eep.result import FitnessResult
 from eep.tasks.example import Example
 from eep.tasks.loaders import load_examples
 from eep.tasks.registry import resolve_task
-from eep.tasks.scorers import aggregate, make_scorer, primary_metric
+from eep.tasks.scorers import aggregate, make_scorer, split_metric
 from eep.tasks.spec import DEFAULT_MAX_NEW_TOKENS, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class Evaluator:
         examples = load_examples(self.spec, split)
         self.examples: list[Example] = examples[:max_examples] if max_examples else examples
         self.scorer = make_scorer(self.spec)
-        self.metric = primary_metric(self.spec)
+        self.metric = split_metric(self.spec, split)
         self.multiple_choice = self.spec.scorer == "multiple_choice"
         self.max_new_tokens = self.spec.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
 

@@ -154,6 +154,18 @@ def test_budget_caps_evaluations(tmp_path, model_dir):
     assert result.summary["search_evaluations"] == 12
 
 
+def test_summary_names_the_search_metric_when_it_differs(tmp_path, model_dir):
+    plain = run_campaign(make_config(model_dir, tmp_path / "a", budget={"max_evaluations": 8}),
+                         quiet=True, pool=FakePool(1))
+    assert plain.summary["metric"] == plain.summary["search_metric"] == "exact_match"
+    assert "dev and search in" not in plain.table
+    task = {"name": "add", "source": {"kind": "builtin", "name": "add"}, "search_metric": "char_similarity"}
+    dense = run_campaign(make_config(model_dir, tmp_path / "b", task=task, budget={"max_evaluations": 8}),
+                         quiet=True, pool=FakePool(1))
+    assert dense.summary["search_metric"] == "char_similarity"
+    assert "test in exact_match; dev and search in char_similarity" in dense.table
+
+
 @pytest.mark.parametrize("kind", ["random", "coordinate_descent"])
 def test_baseline_strategies_run(tmp_path, model_dir, kind):
     strategy = {"kind": kind, "budget": 40}

@@ -36,7 +36,7 @@ def test_json_output_shape(model_dir, capsys):
     for key in ("score", "metric", "metrics", "count", "seconds", "tokens_per_second"):
         assert key in out
     assert 0.0 <= out["score"] <= 1.0 and out["metric"] == "acc"
-    assert set(out["metrics"]) == {"acc", "acc_norm"}
+    assert set(out["metrics"]) == {"acc", "acc_norm", "label_prob"}
     assert out["count"] == 6 and out["split"] == "search" and out["error"] is None
     assert out["seconds"] > 0 and out["tokens_per_second"] > 0
     assert "hits" not in out

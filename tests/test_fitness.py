@@ -213,7 +213,7 @@ def test_batches_run_longest_first_but_hits_keep_split_order(loaded, mc_task):
 def test_result_fields_and_token_counts(loaded, mc_task):
     ev = Evaluator(loaded, mc_task, batch_size=8)
     result = ev.evaluate(None)
-    assert result.metric == "acc" and set(result.metrics) == {"acc", "acc_norm"}
+    assert result.metric == "acc" and set(result.metrics) == {"acc", "acc_norm", "label_prob"}
     assert result.score == result.metrics["acc"] == sum(result.hits) / N_EXAMPLES
     assert result.split == "search" and result.count == N_EXAMPLES and not result.failed
     rows = [encode_choice(ev.tokenizer, ex.prompt, opt) for ex in ev.examples for opt in ex.options]
@@ -222,11 +222,25 @@ def test_result_fields_and_token_counts(loaded, mc_task):
 
     gen = Evaluator(loaded, "reverse", batch_size=8, max_examples=8)
     result = gen.evaluate(None)
-    assert result.metric == "exact_match" and set(result.metrics) == {"exact_match", "f1"}
+    assert result.metric == "exact_match" and set(result.metrics) == {"exact_match", "f1", "char_similarity"}
     prompts = sum(len(encode_prompt(gen.tokenizer, ex.prompt)) for ex in gen.examples)
     generated = result.tokens - prompts
     # Each row produced its text's tokens (one per character here) plus EOS when it stopped early.
     assert sum(len(t) for t in gen.last_outputs) <= generated <= 8 * gen.max_new_tokens
+
+
+def test_search_and_dev_read_the_search_metric_test_the_primary(loaded):
+    task = {"name": "reverse", "source": {"kind": "builtin", "name": "reverse"},
+            "search_metric": "char_similarity", "max_new_tokens": 6}
+    search = Evaluator(loaded, task, batch_size=8, max_examples=8)
+    dev, test = search.for_split("dev", max_examples=8), search.for_split("test", max_examples=8)
+    for ev, metric in ((search, "char_similarity"), (dev, "char_similarity"), (test, "exact_match")):
+        result = ev.evaluate(None)
+        assert result.metric == metric and result.score == result.metrics[metric]
+        assert result.hits == [
+            score_generation(ev.spec, ex, text)[metric]
+            for ex, text in zip(ev.examples, ev.last_outputs, strict=True)
+        ]
 
 
 def test_candidate_then_none_restores_original_scores(loaded, mc_task):

@@ -11,6 +11,7 @@ from eep.tasks.example import Example
 from eep.tasks.registry import resolve_task
 from eep.tasks.scorers import (
     aggregate,
+    char_similarity,
     choice_length,
     compat_hit,
     em_inclusion,
@@ -26,6 +27,8 @@ from eep.tasks.scorers import (
     score_choices,
     score_generation,
     score_multiple_choice,
+    search_metric,
+    split_metric,
     squad_inclusion,
     squad_postprocess,
     token_f1,
@@ -36,7 +39,8 @@ from eep.tasks.scorers import (
 
 
 def test_acc_is_argmax_of_summed_loglik():
-    assert score_choices([-3.0, -1.0, -2.0], [" a", " b", " c"], 1) == {"acc": 1.0, "acc_norm": 1.0}
+    scores = score_choices([-3.0, -1.0, -2.0], [" a", " b", " c"], 1)
+    assert scores["acc"] == 1.0 and scores["acc_norm"] == 1.0
     assert score_choices([-3.0, -1.0, -2.0], [" a", " b", " c"], 0)["acc"] == 0.0
 
 
@@ -44,8 +48,12 @@ def test_acc_norm_divides_by_characters_and_can_disagree_with_acc():
     # A long option with a lower total but a higher per-character log-likelihood.
     options = [" no", " absolutely yes"]  # lengths 2 and 14 (the delimiter space is not counted)
     logliks = [-2.0, -7.0]  # per char: -1.0 vs -0.5
-    assert score_choices(logliks, options, 1) == {"acc": 0.0, "acc_norm": 1.0}
-    assert score_choices(logliks, options, 0) == {"acc": 1.0, "acc_norm": 0.0}
+    assert {k: v for k, v in score_choices(logliks, options, 1).items() if k != "label_prob"} == {
+        "acc": 0.0, "acc_norm": 1.0,
+    }
+    assert {k: v for k, v in score_choices(logliks, options, 0).items() if k != "label_prob"} == {
+        "acc": 1.0, "acc_norm": 0.0,
+    }
 
 
 def test_choice_length_matches_lm_eval():
@@ -118,6 +126,7 @@ def test_generation_scorer_cuts_and_extracts():
     assert scorer.score(ex, "3 * 4 = 12 pens.\n#### 12\n\nQuestion: 5 + 5 = 10") == {
         "exact_match": 1.0,
         "f1": 1.0,
+        "char_similarity": 1.0,
     }
     plain = scorers.GenerationScorer(stop=("\n",))
     assert plain.score(ex, " 12\nmore")["exact_match"] == 1.0
@@ -224,6 +233,32 @@ def test_compat_hit_dispatch():
 # --------------------------------------------------------------------------- scorer objects
 
 
+def test_label_prob_is_the_softmax_of_the_logliks_at_the_label():
+    scores = score_choices([-1000.0, -1001.0], [" a", " b"], 1)  # far below exp's range
+    assert scores["label_prob"] == pytest.approx(1 / (1 + math.e))
+    assert score_choices([-math.inf, -math.inf], [" a", " b"], 0)["label_prob"] == 0.5
+
+
+def test_char_similarity_is_dense_and_one_only_for_an_exact_match():
+    assert char_similarity("olleh", ["olleh"]) == 1.0 == exact_match("olleh", ["olleh"])
+    # Nearly right beats wrong; both are exact-match failures.
+    near, far = char_similarity("olleb", ["olleh"]), char_similarity("xyz", ["olleh"])
+    assert 0.0 == far < near == pytest.approx(0.8) and exact_match("olleb", ["olleh"]) == 0.0
+    # Normalised like exact_match, the best gold counts, no gold scores 0.
+    assert char_similarity(" The Cat.", ["dog", "cat"]) == 1.0
+    assert char_similarity("x", []) == 0.0
+
+
+def test_search_metric_defaults_to_primary_and_applies_to_search_and_dev():
+    plain = resolve_task("add")
+    assert search_metric(plain) == "exact_match"
+    dense = resolve_task({"name": "add", "source": {"kind": "builtin", "name": "add"},
+                          "search_metric": "char_similarity"})
+    assert [split_metric(dense, s) for s in ("search", "dev", "test")] == [
+        "char_similarity", "char_similarity", "exact_match",
+    ]
+
+
 def test_primary_metric_per_scorer():
     assert primary_metric(resolve_task("boolq")) == "acc"
     assert primary_metric(resolve_task("hellaswag")) == "acc_norm"  # set in the spec
@@ -234,9 +269,11 @@ def test_primary_metric_per_scorer():
 
 def test_make_scorer_from_specs():
     mc = make_scorer(resolve_task("boolq"))
-    assert mc.metrics == ("acc", "acc_norm") and mc.primary == "acc"
+    assert mc.metrics == ("acc", "acc_norm", "label_prob") and mc.primary == "acc"
     ex = Example("b", "Q?", (" yes",), (" no", " yes"), 1)
-    assert mc.score(ex, [-2.0, -0.5]) == {"acc": 1.0, "acc_norm": 1.0}
+    assert mc.score(ex, [-2.0, -0.5]) == {
+        "acc": 1.0, "acc_norm": 1.0, "label_prob": pytest.approx(1 / (1 + math.exp(-1.5))),
+    }
 
     compat = make_scorer(resolve_task("cb_eep"))
     assert compat.metrics == ("acc",)
@@ -248,7 +285,9 @@ def test_make_scorer_from_specs():
 def test_score_generation_and_multiple_choice_check_the_task_kind():
     squad = resolve_task("squad")
     ex = Example("s", "Q:", ("1871", "in 1871"))
-    assert score_generation(squad, ex, " In 1871.\nTitle: x") == {"exact_match": 1.0, "f1": 1.0}
+    assert score_generation(squad, ex, " In 1871.\nTitle: x") == {
+        "exact_match": 1.0, "f1": 1.0, "char_similarity": 1.0,
+    }
     with pytest.raises(ValueError, match="log-likelihood, not generation"):
         score_generation(resolve_task("boolq"), ex, "yes")
     with pytest.raises(ValueError, match="generation, not log-likelihood"):

@@ -4,9 +4,13 @@ Three families, never mixed in one table:
 
 - `multiple_choice`: the model's summed log-likelihood of each option after the prompt;
   `acc` is the argmax, `acc_norm` the argmax after dividing by the option's length in characters
-  (lm-evaluation-harness' definition).
+  (lm-evaluation-harness' definition), `label_prob` the softmax of the log-likelihoods at the label.
 - `generate`: greedy generation scored SQuAD-style, `exact_match` and token `f1`, each the max
-  over the gold answers.
+  over the gold answers, and `char_similarity` (difflib's ratio of the normalised strings).
+
+`label_prob` and `char_similarity` are dense: they move when a pruning makes an answer less wrong,
+where `acc` and `exact_match` stay flat. They are meant as search metrics (`search_metric` of a
+task spec), so a search has something to select on; tables report the primary metric.
 - `eep-compat`: the EEP authors' generation rules (reference/eep.md 3.2), reproduced with their
   quirks so our numbers can be put next to theirs: an option letter read from the output
   (`first_capital`, `first_option`), inclusion matching for ReCoRD/DROP (`em_inclusion`) and
@@ -18,6 +22,7 @@ attributes, so this module does not import `eep.tasks.spec`.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import string
@@ -32,8 +37,8 @@ if TYPE_CHECKING:
     from eep.tasks.spec import TaskSpec
 
 METRICS: dict[str, tuple[str, ...]] = {
-    "multiple_choice": ("acc", "acc_norm"),
-    "generate": ("exact_match", "f1"),
+    "multiple_choice": ("acc", "acc_norm", "label_prob"),
+    "generate": ("exact_match", "f1", "char_similarity"),
     "eep-compat": ("acc",),
 }
 DEFAULT_PRIMARY: dict[str, str] = {
@@ -41,6 +46,8 @@ DEFAULT_PRIMARY: dict[str, str] = {
     "generate": "exact_match",
     "eep-compat": "acc",
 }
+# Splits a search selects on; every other split (test, calibration) reports the primary metric.
+SEARCH_SPLITS: frozenset[str] = frozenset({"search", "dev"})
 COMPAT_RULES: tuple[str, ...] = (
     "first_capital",
     "first_option",
@@ -67,7 +74,7 @@ def choice_length(option: str) -> int:
 
 
 def score_choices(logliks: Sequence[float], options: Sequence[str], label: int) -> dict[str, float]:
-    """`acc` and `acc_norm` (1.0 or 0.0) of one multiple-choice example."""
+    """`acc`, `acc_norm` (1.0 or 0.0) and `label_prob` of one multiple-choice example."""
     if len(logliks) != len(options):
         raise ValueError(f"got {len(logliks)} log-likelihoods for {len(options)} options")
     if not 0 <= label < len(options):
@@ -76,7 +83,14 @@ def score_choices(logliks: Sequence[float], options: Sequence[str], label: int) 
     # Ties go to the first option, as numpy.argmax does in lm-eval.
     acc = _argmax(logliks) == label
     acc_norm = _argmax(normed) == label
-    return {"acc": float(acc), "acc_norm": float(acc_norm)}
+    top = max(logliks)
+    if math.isinf(top):  # every option impossible: no preference
+        label_prob = 1.0 / len(logliks)
+    else:
+        # Shifted by the largest value: log-likelihoods can be far below exp's range.
+        weights = [math.exp(ll - top) for ll in logliks]
+        label_prob = weights[label] / sum(weights)
+    return {"acc": float(acc), "acc_norm": float(acc_norm), "label_prob": label_prob}
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -113,6 +127,19 @@ def exact_match(prediction: str, golds: Sequence[str]) -> float:
 def token_f1(prediction: str, golds: Sequence[str]) -> float:
     """SQuAD token F1, the max over gold answers."""
     return max((_f1(prediction, g) for g in golds), default=0.0)
+
+
+def char_similarity(prediction: str, golds: Sequence[str]) -> float:
+    """difflib's ratio (2 x matched characters / total) of the normalised strings, max over golds.
+
+    1.0 exactly when `exact_match` is 1.0; between 0 and 1 it grows with the characters in
+    the right order, so a nearly right answer scores above a wrong one.
+    """
+    pred = normalize_answer(prediction)
+    return max(
+        (difflib.SequenceMatcher(None, pred, normalize_answer(g), autojunk=False).ratio() for g in golds),
+        default=0.0,
+    )
 
 
 def _f1(prediction: str, gold: str) -> float:
@@ -312,13 +339,14 @@ class GenerationScorer:
     metrics: tuple[str, ...] = METRICS["generate"]
 
     def score(self, example: Example, output: str) -> dict[str, float]:
-        """`exact_match` and `f1` for one example."""
+        """`exact_match`, `f1` and `char_similarity` for one example."""
         text = truncate_at_stop(output, self.stop)
         if self.answer_extract == "last_number":
             text = last_number(text)
         return {
             "exact_match": exact_match(text, example.answers),
             "f1": token_f1(text, example.answers),
+            "char_similarity": char_similarity(text, example.answers),
         }
 
 
@@ -341,6 +369,16 @@ class EEPCompatScorer:
 def primary_metric(spec: TaskSpec) -> str:
     """The metric a task's fitness is read from."""
     return spec.primary_metric or DEFAULT_PRIMARY[spec.scorer]
+
+
+def search_metric(spec: TaskSpec) -> str:
+    """The metric a search and its dev re-ranking maximise (default: the primary metric)."""
+    return spec.search_metric or primary_metric(spec)
+
+
+def split_metric(spec: TaskSpec, split: str) -> str:
+    """The metric a split's score is read from: the search metric on search and dev, else primary."""
+    return search_metric(spec) if split in SEARCH_SPLITS else primary_metric(spec)
 
 
 def make_scorer(spec: TaskSpec) -> Scorer:

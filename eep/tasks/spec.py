@@ -196,6 +196,8 @@ class TaskSpec(_Frozen):
     compat_rule: CompatRule | None = None
 
     primary_metric: str | None = None
+    # What a search and its dev re-ranking maximise (default primary_metric); test reports primary.
+    search_metric: str | None = None
     splits: Splits = Field(default_factory=Splits)
 
     # ------------------------------------------------------------------ normalisation
@@ -267,11 +269,13 @@ class TaskSpec(_Frozen):
                 raise ValueError("`chat` must contain {prompt}")
         if self.system is not None and (self.chat is None or "{system}" not in self.chat):
             raise ValueError("`system` is used only through a `chat` template containing {system}")
-        if self.primary_metric is not None and self.primary_metric not in METRICS[self.scorer]:
-            raise ValueError(
-                f"primary_metric {self.primary_metric!r} is not a metric of the {self.scorer} "
-                f"scorer; its metrics are: {', '.join(METRICS[self.scorer])}"
-            )
+        for key in ("primary_metric", "search_metric"):
+            value = getattr(self, key)
+            if value is not None and value not in METRICS[self.scorer]:
+                raise ValueError(
+                    f"{key} {value!r} is not a metric of the {self.scorer} "
+                    f"scorer; its metrics are: {', '.join(METRICS[self.scorer])}"
+                )
         return self
 
     def _check_builtin(self) -> None:
