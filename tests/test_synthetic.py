@@ -152,3 +152,24 @@ def test_shipped_tiny_moe_solves_every_task_with_the_generators_in_this_tree() -
     # The same 200 examples training.json reports on: equal up to float noise in a near-tie.
     assert accuracy == pytest.approx(recorded, abs=0.011)
     assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_tied_steps_train_every_layers_experts_as_one(tmp_path: Path, monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from eep.builtin import train_tiny
+
+    monkeypatch.setattr(train_tiny, "TRAIN_POOL", 64)
+    monkeypatch.setattr(train_tiny, "TRAIN_POOL_SMALL", {})
+    monkeypatch.setattr(train_tiny, "EVAL_EXAMPLES", 4)
+
+    def experts_equal(out: Path) -> list[bool]:
+        model = AutoModelForCausalLM.from_pretrained(out)  # fused [E, ...] expert tensors
+        fused = [p for name, p in model.named_parameters() if ".experts." in name]
+        assert len(fused) == 2 * model.config.num_hidden_layers
+        return [bool((p == p[:1]).all()) for p in fused]
+
+    train_tiny.train(tmp_path / "tied", steps=3, batch_size=8, eval_every=0, tied_steps=3)
+    assert all(experts_equal(tmp_path / "tied"))
+    train_tiny.train(tmp_path / "apart", steps=3, batch_size=8, eval_every=0, tied_steps=1)
+    assert not any(experts_equal(tmp_path / "apart"))

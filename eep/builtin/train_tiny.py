@@ -190,8 +190,14 @@ def train(
     warmup: int = 200,
     eval_every: int = 500,
     threads: int = 1,
+    tied_steps: int = 0,
 ) -> dict:
-    """Train, save to `out` in bfloat16, reload as saved and report per-task test accuracy."""
+    """Train, save to `out` in bfloat16, reload as saved and report per-task test accuracy.
+
+    `tied_steps` > 0 upcycles: for that many steps every layer's experts are kept equal (their
+    mean after each update), i.e. one dense FFN; then they train apart. Experts that share an
+    origin overlap in function and merge meaningfully, as Mixtral's are believed to.
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -219,6 +225,14 @@ def train(
         fused=True,  # one kernel over all tensors instead of a Python loop (CPU supports it)
     )
 
+    # Fused expert tensors [E, ...] of every layer (transformers 5.x layout).
+    expert_tensors = [p for n, p in model.named_parameters() if ".experts." in n]
+    if tied_steps and not expert_tensors:
+        raise RuntimeError("no fused expert tensors found to tie")
+    if tied_steps:
+        with torch.no_grad():  # start from one expert's init (a mean of 8 would shrink its scale)
+            for tensor in expert_tensors:
+                tensor.copy_(tensor[:1].expand_as(tensor))
     start = time.time()
     running = 0.0
     for step in range(steps):
@@ -237,6 +251,10 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if step < tied_steps:
+            with torch.no_grad():
+                for tensor in expert_tensors:
+                    tensor.copy_(tensor.mean(dim=0, keepdim=True).expand_as(tensor))
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % 50 == 0:
             print(f"step {step + 1} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
@@ -280,6 +298,7 @@ def train(
         "peak_lr": lr,
         "warmup_steps": warmup,
         "threads": threads,
+        "tied_steps": tied_steps,
         "torch": torch.__version__,
         "train_seconds": round(train_seconds, 1),
         "parameters": sum(p.numel() for p in saved.parameters()),
@@ -309,6 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     # One thread: this model's many small ops wait at a barrier per op with two, which costs more
     # than it gains whenever anything else runs on the 2 cores. Results depend on the count.
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--tied-steps", type=int, default=0,
+        help="first N steps with every layer's experts kept equal (upcycling from one dense FFN)",
+    )
     args = parser.parse_args(argv)
     train(
         args.out,
@@ -318,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         eval_every=args.eval_every,
         threads=args.threads,
+        tied_steps=args.tied_steps,
     )
 
 
