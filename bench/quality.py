@@ -33,7 +33,7 @@ DENSE = {"generate": "char_similarity", "multiple_choice": "label_prob"}
 
 def campaign_dict(
     task: str, keep: int, strategy: str, budget: int, sizes: tuple[int, int, int], seed: int,
-    dense: bool = False,
+    dense: bool = False, model: str = "builtin:tiny-moe",
 ) -> dict:
     """The campaign config of one cell of the table."""
     if strategy in ("eep", SEEDED):
@@ -60,7 +60,7 @@ def campaign_dict(
     return {
         **({"init_from": SEEDS} if strategy == SEEDED else {}),
         "name": f"{task}-k{keep}-{strategy}",
-        "model": "builtin:tiny-moe",
+        "model": model,
         "task": task_spec,
         "keep": keep,
         "strategy": settings,
@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--curves", action="store_true")
+    parser.add_argument("--model", default="builtin:tiny-moe", help="a model trained on the built-in tasks")
     parser.add_argument(
         "--search-metric", choices=("primary", "dense"), default="primary",
         help="dense: searches and dev re-ranking maximise char_similarity / label_prob; test stays exact match / acc",
@@ -125,7 +126,7 @@ def main() -> None:
     cells = [(t, k, s) for k in args.keeps for t in tasks for s in args.strategies]
     work = [
         (
-            campaign_dict(t, k, s, args.budget, tuple(args.sizes), args.seed, args.search_metric == "dense"),
+            campaign_dict(t, k, s, args.budget, tuple(args.sizes), args.seed, args.search_metric == "dense", args.model),
             f"{args.out}/{t}-k{k}-{s}",
         )
         for t, k, s in cells
