@@ -63,7 +63,9 @@ def page(browser):
     assert not errors, f"the page reported errors: {errors}"
 
 
-def wait_points(page, n: int, timeout: float = 20_000) -> None:
+def wait_points(page, n: int, timeout: float = 60_000) -> None:
+    # Generous: switching runs re-fetches and redraws the run, which took over 20 s with a
+    # benchmark and the rest of the suite sharing the 2 cores (alone: about a second).
     page.wait_for_function(f"() => document.getElementById('fitness').dataset.points === '{n}'",
                            timeout=timeout)
 
@@ -100,7 +102,7 @@ def test_live_page_shows_every_point_and_updates(tmp_path, page):
         page.mouse.move(0, 0)
 
         live.append(25, wall=True)  # the campaign goes on: no reload
-        wait_points(page, 265, timeout=30_000)
+        wait_points(page, 265)
         assert page.locator("#kpi-progress").inner_text() == "265 / 400"
         assert page.locator("#kpi-best").inner_text() == f"{live.best:.4f}"
         time.sleep(0.5)
