@@ -65,7 +65,7 @@ def page(browser):
 
 def wait_points(page, n: int, timeout: float = 60_000) -> None:
     # Generous: switching runs re-fetches and redraws the run, which took over 20 s with a
-    # benchmark and the rest of the suite sharing the 2 cores (alone: about a second).
+    # benchmark and the rest of the suite sharing the 2 cores (this file alone passes in 25 s).
     page.wait_for_function(f"() => document.getElementById('fitness').dataset.points === '{n}'",
                            timeout=timeout)
 
