@@ -7,14 +7,14 @@ Three families, never mixed in one table:
   (lm-evaluation-harness' definition), `label_prob` the softmax of the log-likelihoods at the label.
 - `generate`: greedy generation scored SQuAD-style, `exact_match` and token `f1`, each the max
   over the gold answers, and `char_similarity` (difflib's ratio of the normalised strings).
-
-`label_prob` and `char_similarity` are dense: they move when a pruning makes an answer less wrong,
-where `acc` and `exact_match` stay flat. They are meant as search metrics (`search_metric` of a
-task spec), so a search has something to select on; tables report the primary metric.
 - `eep-compat`: the EEP authors' generation rules (reference/eep.md 3.2), reproduced with their
   quirks so our numbers can be put next to theirs: an option letter read from the output
   (`first_capital`, `first_option`), inclusion matching for ReCoRD/DROP (`em_inclusion`) and
   SQuAD 2.0 (`squad_inclusion`), and GSM8K's `last_number`.
+
+`label_prob` and `char_similarity` are dense: they move when a pruning makes an answer less wrong,
+where `acc` and `exact_match` stay flat. They are offered as search metrics (`search_metric` of a
+task spec) for landscapes where most candidates score 0; tables report the primary metric.
 
 Everything here is a pure function of strings and numbers; `make_scorer` only reads a task spec's
 attributes, so this module does not import `eep.tasks.spec`.
