@@ -13,14 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from eep.models.families import detect_family, get_num_experts, moe_layers
 from eep.models.loading import LoadedModel, load_model
-from eep.oneshot.calibration import (
-    LayerCall,
-    build_calibration,
-    stream_layer_calls,
-    task_calibration,
-)
+from eep.oneshot.calibration import build_calibration, task_calibration
+from eep.oneshot.criteria import frequency_counts
 from eep.tasks.registry import resolve_task
 
 
@@ -87,19 +82,12 @@ def routing_histograms(
     """Routing histograms of `model` on each task's `split` (first `samples` examples, or all)."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, trust_remote_code=trust_remote_code)
     net = loaded.model
-    num_experts = get_num_experts(net.config, detect_family(net.config))
     names, shares, tokens = [], [], []
     for ref in tasks:
         task = resolve_task(ref)
         calibration = build_calibration(task_calibration(task, split, samples=samples), net, loaded.tokenizer)
-        # The `frequency` criterion's count (eep.oneshot.criteria), without its REAP expert pass.
-        counts = torch.zeros((len(moe_layers(net)), num_experts), dtype=torch.float64)
-
-        def count(call: LayerCall, counts: torch.Tensor = counts) -> None:
-            chosen = call.top_k_index.reshape(-1).long()
-            counts[call.layer] += torch.bincount(chosen, minlength=num_experts).double().cpu()
-
-        stream_layer_calls(net, calibration, count)
+        # The `frequency` criterion of eep.oneshot.criteria, without the other criteria's pass.
+        counts = frequency_counts(net, calibration)
         shares.append(counts / counts.sum(-1, keepdim=True).clamp(min=1))
         names.append(task.name)
         tokens.append(calibration.tokens)

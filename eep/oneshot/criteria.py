@@ -73,6 +73,21 @@ def keep_top(scores: torch.Tensor, keep: int) -> list[list[int]]:
 
 
 @torch.no_grad()
+def _count_choices(counts: torch.Tensor, call: LayerCall, num_experts: int) -> None:
+    """Add one layer call's top-k choices to `counts[layer]` (the `frequency` criterion)."""
+    index = call.top_k_index.reshape(-1).long().to(counts.device)
+    counts[call.layer] += torch.bincount(index, minlength=num_experts).double()
+
+
+def frequency_counts(model: nn.Module, calibration: Calibration) -> torch.Tensor:
+    """[layers, experts] top-k choice counts (`frequency`) from a pass with no extra expert calls."""
+    num_experts = get_num_experts(model.config, detect_family(model.config))
+    device = model.get_input_embeddings().weight.device
+    counts = torch.zeros((len(moe_layers(model)), num_experts), dtype=torch.float64, device=device)
+    stream_layer_calls(model, calibration, lambda call: _count_choices(counts, call, num_experts))
+    return counts.cpu()
+
+
 def criteria_scores(model: nn.Module, calibration: Calibration) -> CriteriaScores:
     """Frequency, soft-activation and REAP scores of every expert, from one calibration pass."""
     family = detect_family(model.config)
@@ -91,8 +106,8 @@ def criteria_scores(model: nn.Module, calibration: Calibration) -> CriteriaScore
         probs = torch.sigmoid(logits) if family.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
         prob_sums[i] += probs.sum(dim=0).double()
         tokens[i] += logits.shape[0]
+        _count_choices(counts, call, num_experts)
         index = call.top_k_index.long()
-        counts[i] += torch.bincount(index.reshape(-1), minlength=num_experts).double()
         for e in index.unique().tolist():
             rows, slots = torch.nonzero(index == e, as_tuple=True)
             out = expert_output(call.experts, call.hidden[rows], e, call.top_k_weights.dtype)
