@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig
 
 from eep.candidate import Candidate
 from eep.models.loading import load_model, parse_dtype
+from eep.models.skipping import installed_skipping, set_skipping
 from eep.oneshot.calibration import (
     Calibration,
     build_calibration,
@@ -33,12 +34,7 @@ from eep.oneshot.calibration import (
 )
 from eep.oneshot.criteria import CRITERIA, criteria_scores, random_candidate
 from eep.oneshot.naee import naee_prune
-from eep.oneshot.skipping import (
-    calibrate_thresholds,
-    installed_skipping,
-    set_skipping,
-    with_skip_thresholds,
-)
+from eep.oneshot.skipping import calibrate_thresholds, with_skip_thresholds
 
 
 def _model(args, experts: int, layers: int | None = None) -> torch.nn.Module:

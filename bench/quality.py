@@ -39,7 +39,7 @@ def campaign_dict(
     if strategy in ("eep", SEEDED):
         # The authors' schedule scaled to the budget: 31 inits, pruning phase to a quarter
         # (their 100 of 400), merging to the end (their total_iter 400 runs 401 evaluations).
-        settings = {"kind": "eep", "total_iter": budget - 1, "discrete_iter": max(31, budget // 4), "dev_top": 10}
+        settings = {"kind": "eep", "total_iter": budget - 1, "discrete_iter": max(31, budget // 4)}
     elif strategy == "random":
         settings = {"kind": "random", "budget": budget}
     else:

@@ -8,36 +8,36 @@ last strategy checkpoint, replay the evaluations recorded after it (no model cal
 candidates that were in flight, and go on. A resumed campaign therefore makes the decisions an
 uninterrupted one would have made.
 
-End: the top candidates by search score are re-scored on `dev`, the best on dev is chosen, and the
-full model, the chosen candidate(s) and random pruning baselines are scored on `test`.
+End (`eep.finale`): each list of finalists the strategy's registry entry declares is re-scored on
+`dev`, the best on dev is chosen, and the full model, the chosen candidate(s) and random pruning
+baselines are scored on `test`; `summary.json` (`eep.summary`) reports them.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 
 from eep.candidate import Candidate
-from eep.config import CampaignConfig, config_from_dict
+from eep.config import CampaignConfig, ConfigError, config_from_dict, resumed_config
 from eep.distributed.pool import EvaluatorPool, InProcessPool, Job, WorkerSpec
+from eep.finale import SplitScorer, random_baselines, run_finale
 from eep.metrics import CampaignMetrics
 from eep.models.families import model_shape
 from eep.models.loading import load_config as load_model_config
 from eep.oneshot import seed_candidates
-from eep.result import FitnessResult
+from eep.records import evaluation_record, result_from_record
 from eep.runlog import BEST_FILE, SUMMARY_FILE, RunLog
-from eep.search import BaseStrategy, build_strategy
+from eep.search import BaseStrategy, build_strategy, registry
+from eep.summary import format_summary
 from eep.tasks.scorers import primary_metric, search_metric
 
 log = logging.getLogger(__name__)
-FULL_ID = "full"
 
 
 @dataclass
@@ -76,19 +76,40 @@ class Campaign:
         pool: EvaluatorPool | None = None,
     ) -> None:
         self.quiet = quiet
+        self._fresh = not resume
+        # The run directory is locked from here until run() ends (or the process dies).
         if resume:
-            self.runlog = RunLog.open(run_dir or config.run_dir)
-            stored = config_from_dict(
-                yaml.safe_load(self.runlog.config_yaml),
-                origin=str(self.runlog.path / "config.yaml"),
-            )
-            if stored != config:
-                log.warning("resuming with the run directory's own config.yaml (it differs from the one given)")
-            self.config = stored
+            self.runlog = RunLog.open(run_dir or config.run_dir, lock=True)
+            try:
+                origin = str(self.runlog.path / "config.yaml")
+                try:
+                    stored_data = yaml.safe_load(self.runlog.config_yaml)
+                except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                    raise ConfigError(f"{origin}: not readable YAML ({exc})") from None
+                if not isinstance(stored_data, dict):
+                    raise ConfigError(f"{origin}: expected a mapping, got {type(stored_data).__name__}")
+                stored = config_from_dict(stored_data, origin=origin)
+                self.config = resumed_config(stored, config, origin)
+            except BaseException:
+                self.runlog.release()
+                raise
         else:
             self.config = config
             self.runlog = RunLog.create(run_dir or config.run_dir, config.to_yaml())
+        try:
+            self._start(pool)
+        except BaseException:
+            # A campaign that failed to start leaves no empty run directory behind.
+            if resume:
+                self.runlog.release()
+            else:
+                self.runlog.abandon()
+            raise
+
+    def _start(self, pool: EvaluatorPool | None) -> None:
+        """Model shape, strategy (with its seeds) and replay of the run directory."""
         self.shape = model_shape(load_model_config(self.config.model, self.config.trust_remote_code))
+        self.entry = registry.entry_for(self.config.strategy)
         self.strategy: BaseStrategy = build_strategy(
             self.config.strategy,
             self.shape.num_moe_layers,
@@ -128,6 +149,8 @@ class Campaign:
                 elapsed=float(checkpoint["elapsed"]),
             )
         search = [r for r in self.runlog.records if r["split"] == "search"]
+        # Records written after the checkpoint (a crash skips the exit checkpoint): replayed here.
+        self.replayed: int = 0
         for record in search[self.progress.search_records :]:
             while self.progress.asked < record["asked"]:
                 if not self.strategy.ask(1):
@@ -142,13 +165,14 @@ class Campaign:
                     f"{self.runlog.path}: replay diverged at {record['id']}: hash "
                     f"{candidate.content_hash()} != recorded {record['hash']}"
                 )
-            self.strategy.tell(candidate, _result_from_record(record))
+            self.strategy.tell(candidate, result_from_record(record))
             self.progress.search_records += 1
+            self.replayed += 1
             self.progress.elapsed = max(self.progress.elapsed, record.get("elapsed", 0.0))
         if search:
             log.info(
-                "resumed %s: %d search evaluations replayed, %d in flight re-submitted",
-                self.runlog.path, len(search), len(self.strategy.pending()),
+                "resumed %s: %d search evaluations, %d replayed after the checkpoint, %d in flight re-submitted",
+                self.runlog.path, len(search), self.replayed, len(self.strategy.pending()),
             )
 
     def _pending(self, candidate_id: str) -> Candidate:
@@ -209,7 +233,7 @@ class Campaign:
         candidate, result = job.candidate, job.result
         assert candidate is not None and result is not None
         self.runlog.save_candidate(candidate)
-        record = _record(candidate.id, candidate, result, job.worker) | {
+        record = evaluation_record(candidate.id, candidate, result, job.worker) | {
             "asked": self.progress.asked,
             "elapsed": self.progress.seconds(),
         }
@@ -221,15 +245,13 @@ class Campaign:
             self._checkpoint()
 
     def _expected_evaluations(self) -> int | None:
-        settings = self.config.strategy
-        total = getattr(settings, "total_iter", None)
-        total = total + 1 if total is not None else getattr(settings, "budget", None)
+        total = self.entry.expected_evaluations(self.config.strategy)
         cap = self.config.budget.max_evaluations
         return min(x for x in (total, cap) if x is not None) if (total or cap) else None
 
     def _status(self) -> str:
         best = self.strategy.best(1)
-        phase = getattr(self.strategy, "phase", "")
+        phase = self.strategy.phase
         minutes = max(self.progress.seconds(), 1e-9) / 60
         rate = self.progress.search_records / minutes
         best_text = f"{best[0][1]:.3f}" if best else "-"
@@ -250,107 +272,18 @@ class Campaign:
         )
 
     # ----------------------------------------------------------------------------- final
-    def _known(self, split: str) -> dict[str, dict]:
-        return {r["hash"]: r for r in self.runlog.records if r["split"] == split and not r.get("error")}
-
-    def _score_all(self, items: list[tuple[str, Candidate | None]], split: str) -> dict[str, float]:
-        """Scores on `split` by id, reusing recorded ones (resume), scoring the rest in parallel."""
-        known = self._known(split)
-        scores: dict[str, float] = {}
-        todo = []
-        for item_id, candidate in items:
-            content_hash = candidate.content_hash() if candidate is not None else FULL_ID
-            if content_hash in known:
-                scores[item_id] = known[content_hash]["score"]
-            else:
-                todo.append((item_id, candidate, content_hash))
-        by_job = {}
-        for item_id, candidate, content_hash in todo:
-            job = Job(candidate, split)
-            by_job[id(job)] = (item_id, candidate, content_hash)
-            self.pool.submit(job)
-        while self.pool.in_flight:
-            for job in self.pool.wait():
-                item_id, candidate, content_hash = by_job[id(job)]
-                if candidate is not None:
-                    self.runlog.save_candidate(candidate)
-                record = _record(item_id, candidate, job.result, job.worker, content_hash)
-                self.runlog.append(record)
-                self.metrics.observe(record, workers=self.pool.size)
-                scores[item_id] = job.result.score
-        return scores
-
-    def _choose_on_dev(self, ranked: list[tuple[Candidate, float]]) -> tuple[Candidate, float, float]:
-        """The best of `ranked` on dev (ties: the better search score, i.e. the earlier one)."""
-        dev = self._score_all([(c.id, c) for c, _ in ranked], "dev")
-        best_candidate, best_search = ranked[0]
-        best_dev = -math.inf
-        for candidate, search_score in ranked:
-            score = dev[candidate.id]
-            if not math.isnan(score) and score > best_dev:
-                best_candidate, best_search, best_dev = candidate, search_score, score
-        return best_candidate, best_search, best_dev
-
     def finish(self) -> CampaignResult:
-        """Dev re-ranking, test report, summary, export."""
+        """Dev re-ranking and test scores (eep.finale), summary.json, export of the choice."""
         cfg = self.config
-        kind = cfg.strategy.kind
-        dev_top = getattr(cfg.strategy, "dev_top", None) or cfg.final.dev_top
-        methods: dict[str, dict] = {}
-        chosen: dict[str, Candidate] = {}
-        search_count = self.progress.search_records
-
-        name = {"eep": "eep", "random": "random_search", "coordinate_descent": "coordinate_descent"}[kind]
-        prune_only = getattr(self.strategy, "prune_only_best", None)
-        prune_only_choice: list[tuple[Candidate, float]] = []
-        if prune_only is not None:
-            ranked = prune_only(dev_top)
-            if ranked:
-                best, search_score, dev_score = self._choose_on_dev(ranked)
-                chosen["eep_prune_only"] = best
-                prune_only_choice = [(best, search_score)]
-                pruning_evals = sum(
-                    1 for r in self.runlog.records if r["split"] == "search" and r.get("phase") in ("init", "prune")
-                )
-                methods["eep_prune_only"] = {
-                    "id": best.id, "search": search_score, "dev": dev_score, "evaluations": pruning_evals,
-                }
-        ranked = self.strategy.best(dev_top)
-        # The pruning phase's dev winner stays in the running: after the merging phase the top by
-        # search score can be all merged candidates that overfit the search split.
-        ranked += [c for c in prune_only_choice if c[0].id not in {r[0].id for r in ranked}]
-        if ranked:
-            best, search_score, dev_score = self._choose_on_dev(ranked)
-            chosen[name] = best
-            methods[name] = {"id": best.id, "search": search_score, "dev": dev_score, "evaluations": search_count}
-        else:
-            methods[name] = {
-                "evaluations": search_count,
-                "note": "no complete candidate within the budget (every layer pruned)",
-            }
-            log.warning("%s: %s", name, methods[name]["note"])
-
-        generator = torch.Generator().manual_seed(cfg.seed + 1_000_003)
-        baselines = [
-            Candidate.random_pruning(
-                self.shape.num_moe_layers, self.shape.num_experts, cfg.keep, generator,
-                top_k=cfg.top_k, id=f"random-baseline-{i:02d}", phase="baseline", model_id=cfg.model,
-            )
-            for i in range(cfg.final.random_baselines)
-        ]
-        test_items: list[tuple[str, Candidate | None]] = [(FULL_ID, None)]
-        test_items += [(c.id, c) for c in chosen.values()]
-        test_items += [(c.id, c) for c in baselines]
-        test = self._score_all(test_items, "test")
-
-        methods["full"] = {"test": test[FULL_ID], "evaluations": 0}
-        for method, candidate in chosen.items():
-            methods[method]["test"] = test[candidate.id]
-        if baselines:
-            scores = [test[c.id] for c in baselines]
-            methods["random"] = {
-                "test": sum(scores) / len(scores), "scores": scores, "evaluations": len(baselines),
-            }
+        scorer = SplitScorer(self.runlog, lambda: self.pool, self.metrics)
+        search_records = [r for r in self.runlog.records if r["split"] == "search"]
+        baselines = random_baselines(
+            cfg.final.random_baselines, self.shape.num_moe_layers, self.shape.num_experts,
+            cfg.keep, cfg.top_k, cfg.seed, cfg.model,
+        )
+        finale = run_finale(
+            self.strategy, self.entry, scorer, cfg.final.dev_top, search_records, baselines
+        )
         summary = {
             "name": cfg.name,
             "model": cfg.model,
@@ -358,23 +291,24 @@ class Campaign:
             "keep": cfg.keep,
             "num_experts": self.shape.num_experts,
             "top_k": cfg.top_k or self.shape.top_k,
-            "strategy": kind,
+            "strategy": cfg.strategy.kind,
             "metric": primary_metric(cfg.task),
             "search_metric": search_metric(cfg.task),
-            "search_evaluations": search_count,
+            "search_evaluations": self.progress.search_records,
             "search_seconds": self.progress.seconds(),
-            "methods": methods,
+            "chosen": finale.chosen_key,
+            "methods": finale.methods,
         }
         result = CampaignResult(run_dir=self.runlog.path, summary=summary)
-        final = chosen.get(name)
-        if final is not None:
-            final.save(self.runlog.path / BEST_FILE)
-            result.best = final
+        if finale.chosen is not None:
+            finale.chosen.save(self.runlog.path / BEST_FILE)
+            result.best = finale.chosen
             if cfg.output.export:
-                from eep.export import export_model
+                from eep.export import export_model  # noqa: PLC0415  (transformers only when exporting)
 
                 report = export_model(
-                    cfg.model, final, self.runlog.path / "model", trust_remote_code=cfg.trust_remote_code
+                    cfg.model, finale.chosen, self.runlog.path / "model",
+                    trust_remote_code=cfg.trust_remote_code,
                 )
                 result.export_dir = report.out_dir
                 summary["export_dir"] = str(report.out_dir)
@@ -391,6 +325,10 @@ class Campaign:
         finally:
             if self._pool is not None:
                 self._pool.close()
+            if self._fresh and not self.runlog.records:
+                self.runlog.abandon()  # failed before its first evaluation: leave no empty run behind
+            else:
+                self.runlog.release()
 
 
 def make_pool(config: CampaignConfig) -> EvaluatorPool:
@@ -422,72 +360,3 @@ def run_campaign(
 ) -> CampaignResult:
     """Run (or resume) a campaign to its end."""
     return Campaign(config, run_dir=run_dir, resume=resume, quiet=quiet, pool=pool).run()
-
-
-def _record(
-    item_id: str,
-    candidate: Candidate | None,
-    result: FitnessResult,
-    worker: str,
-    content_hash: str | None = None,
-) -> dict:
-    return {
-        "id": item_id,
-        "hash": content_hash or (candidate.content_hash() if candidate is not None else FULL_ID),
-        "parents": list(candidate.parents) if candidate is not None else [],
-        "phase": candidate.phase if candidate is not None else "full",
-        "split": result.split,
-        "score": result.score,
-        "metric": result.metric,
-        "metrics": result.metrics,
-        "count": result.count,
-        "seconds": result.seconds,
-        "tokens": result.tokens,
-        "worker": worker,
-        "error": result.error,
-    }
-
-
-def _result_from_record(record: dict) -> FitnessResult:
-    return FitnessResult(
-        score=float(record["score"]) if record["score"] is not None else float("nan"),
-        metric=record.get("metric", ""),
-        count=record.get("count", 0),
-        seconds=record.get("seconds", 0.0),
-        metrics=record.get("metrics") or {},
-        split=record["split"],
-        error=record.get("error"),
-    )
-
-
-def format_summary(summary: dict) -> str:
-    """The summary table (test split) as aligned text."""
-    order = ["full", "random", "random_search", "coordinate_descent", "eep_prune_only", "eep"]
-    labels = {
-        "full": "full model",
-        "random": "random pruning (mean)",
-        "random_search": "random search",
-        "coordinate_descent": "coordinate descent",
-        "eep_prune_only": "EEP prune-only",
-        "eep": "EEP prune+merge",
-    }
-    methods = summary["methods"]
-    lines = [
-        f"{summary['task']}: keep {summary['keep']} of {summary['num_experts']} experts, "
-        f"top-{summary['top_k']}, test split",
-    ]
-    metric, searched = summary.get("metric"), summary.get("search_metric")
-    if metric and searched and metric != searched:
-        lines.append(f"test in {metric}; dev and search in {searched}")
-    lines.append(f"{'method':<24} {'test':>7} {'dev':>7} {'search':>7} {'evals':>6}")
-    for key in order:
-        if key not in methods:
-            continue
-        m = methods[key]
-        cells = [_fmt(m.get("test")), _fmt(m.get("dev")), _fmt(m.get("search"))]
-        lines.append(f"{labels[key]:<24} {cells[0]:>7} {cells[1]:>7} {cells[2]:>7} {m.get('evaluations', 0):>6}")
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -147,7 +148,7 @@ class Candidate:
         """Stable hash of what the candidate computes (matrices, top-k, mapping mode)."""
         h = hashlib.sha256()
         h.update(json.dumps([self.num_experts, self.top_k, self.router_mapping]).encode())
-        # Dynamic-skipping thresholds change what the candidate computes (eep.oneshot.skipping).
+        # Dynamic-skipping thresholds change what the candidate computes (eep.models.skipping).
         if self.extra.get("skip_thresholds") is not None:
             h.update(json.dumps(self.extra["skip_thresholds"]).encode())
         for r, m in zip(self.router_map, self.expert_merge, strict=True):
@@ -195,9 +196,14 @@ class Candidate:
             "hash": self.content_hash(),
             "extra": self.extra,
         }
+        if path.is_dir():
+            raise CandidateError(f"{path}: is a folder; give a .safetensors file name")
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"eep": json.dumps(meta)})
-        tmp.replace(path)
+        try:
+            save_file(tensors, str(tmp), metadata={"eep": json.dumps(meta)})
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # only left when writing failed
         return path
 
     @classmethod
@@ -217,8 +223,8 @@ class Candidate:
                 f"{path}: no 'eep' metadata; is this an EEP reference .pth? "
                 "Convert it with `eep import-reference`"
             )
-        meta = json.loads(raw_meta)
-        n = int(meta["num_layers"])
+        meta = _read_meta(path, raw_meta)
+        n = meta.num_layers
         try:
             router_map = [tensors[f"layers.{i}.router_map"] for i in range(n)]
             expert_merge = [tensors[f"layers.{i}.expert_merge"] for i in range(n)]
@@ -228,14 +234,14 @@ class Candidate:
             return cls(
                 router_map=router_map,
                 expert_merge=expert_merge,
-                num_experts=int(meta["num_experts"]),
-                top_k=meta.get("top_k"),
-                router_mapping=meta.get("router_mapping", "probs"),
-                model_id=meta.get("model_id", ""),
-                phase=meta.get("phase", ""),
-                parents=tuple(meta.get("parents", ())),
-                id=meta.get("id", ""),
-                extra=meta.get("extra", {}),
+                num_experts=meta.num_experts,
+                top_k=meta.top_k,
+                router_mapping=meta.router_mapping,  # type: ignore[arg-type]
+                model_id=meta.model_id,
+                phase=meta.phase,
+                parents=tuple(meta.parents),
+                id=meta.id,
+                extra=meta.extra,
             )
         except CandidateError as exc:
             raise CandidateError(f"{path}: {exc}") from exc
@@ -303,6 +309,40 @@ class Candidate:
         keeps = self.keep_per_layer
         keep = keeps[0] if len(set(keeps)) == 1 else keeps
         return f"{kind} keep={keep} top_k={self.top_k} mapping={self.router_mapping} hash={self.content_hash()}"
+
+
+class _Metadata(BaseModel):
+    """The JSON under a candidate file's `eep` key (what `save` writes; unknown keys ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    num_layers: int = Field(ge=1)
+    num_experts: int = Field(ge=1)
+    top_k: int | None = Field(default=None, ge=1)
+    router_mapping: str = "probs"
+    model_id: str = ""
+    phase: str = ""
+    parents: list[str] = Field(default_factory=list)
+    id: str = ""
+    extra: dict = Field(default_factory=dict)
+
+
+def _read_meta(path: Path, raw: str) -> _Metadata:
+    """Parse and check a candidate's metadata; errors name the file and the field."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise CandidateError(f"{path}: the 'eep' metadata is not valid JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise CandidateError(f"{path}: the 'eep' metadata is a JSON {type(data).__name__}, expected an object")
+    try:
+        return _Metadata.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "metadata"
+        value = f" (got {err['input']!r})" if field in data else ""
+        raise CandidateError(f"{path}: metadata field {field!r}: {err['msg'].lower()}{value}") from None
 
 
 def _as_matrix(t: torch.Tensor | Sequence) -> torch.Tensor:

@@ -13,7 +13,10 @@
     output: {run_dir: runs/tiny-add, export: true}
 
 `keep`, `top_k`, `router_mapping` and `groups` are campaign-level and flow into the strategy's
-settings; writing them inside `strategy:` too is an error (one place for each fact).
+settings; writing them inside `strategy:` too is an error (one place for each fact). The same for
+the dev re-ranking size, `final.dev_top`, for every strategy: an older file's `strategy.dev_top`
+(EEP had its own) is moved there, and one that disagrees with `final.dev_top` is an error.
+`strategy.kind` is any registered strategy (`eep.search.registry`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from eep.search.settings import StrategySettings
+from eep.search.registry import StrategySettings
 from eep.tasks.registry import resolve_task
 from eep.tasks.spec import TaskError, TaskSpec, format_validation_error
 
@@ -131,6 +134,8 @@ class CampaignConfig(_Frozen):
             strategy = {"kind": strategy}
         if isinstance(strategy, dict):
             strategy = dict(strategy)
+            if "dev_top" in strategy:
+                data = _move_dev_top(data, strategy.pop("dev_top"))
             for key in _SHARED_SEARCH_FIELDS:
                 if key in strategy and key in data and strategy[key] != data[key]:
                     raise ValueError(
@@ -151,15 +156,25 @@ class CampaignConfig(_Frozen):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _move_dev_top(data: dict, dev_top: Any) -> dict:
+    # Older files (and run directories) carry EEP's own `strategy.dev_top`; it now lives in
+    # `final.dev_top`, the one size every strategy's dev re-ranking uses.
+    final = data.get("final")
+    given = final.get("dev_top") if isinstance(final, dict) else getattr(final, "dev_top", None)
+    if given is not None and given != dev_top:
+        raise ValueError(
+            f"strategy.dev_top ({dev_top}) and final.dev_top ({given}) disagree; the dev "
+            f"re-ranking size is final.dev_top: remove strategy.dev_top"
+        )
+    if isinstance(final, FinalSettings):
+        final = final.model_dump()
+    return {**data, "final": {**(final or {}), "dev_top": dev_top}}
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CampaignConfig:
     """Read a campaign YAML, apply `a.b=value` overrides, validate; errors name file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: campaign file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = yaml_file(path, "campaign file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     data = _resolve_relative_task(data, path.parent)
@@ -168,12 +183,43 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(data, origin=str(path))
 
 
+def yaml_file(path: Path, what: str) -> Any:
+    """A YAML file's content; errors (missing, a folder, unreadable, not UTF-8, bad YAML) name it."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a {what}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
 def config_from_dict(data: dict, origin: str = "campaign config") -> CampaignConfig:
     """Validate a campaign mapping; errors say `origin` and the field path."""
     try:
         return CampaignConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, origin, "campaign config")) from exc
+        errors = exc.errors()
+        # keep/top_k/... flow into strategy too: one mistake, reported once (at the top level).
+        top = {e["loc"][0] for e in errors if len(e["loc"]) == 1}
+        errors = [e for e in errors if not (len(e["loc"]) == 2 and e["loc"][0] == "strategy"
+                                             and e["loc"][1] in _SHARED_SEARCH_FIELDS and e["loc"][1] in top)]
+        if len(errors) == 1:  # the usual case: one line, like every other CLI error
+            loc = ".".join(str(p) for p in errors[0]["loc"]) or "(top level)"
+            msg = errors[0]["msg"].removeprefix("Value error, ")
+            msg = "unknown field" if errors[0]["type"] == "extra_forbidden" else msg
+            raise ConfigError(f"{origin}: invalid campaign config: {loc}: {msg}") from None
+        raise ConfigError(format_validation_error(exc, origin, "campaign config")) from None
 
 
 def apply_override(data: dict, item: str) -> dict:
@@ -212,3 +258,53 @@ def _resolve_relative_task(data: dict, base: Path) -> dict:
         if candidate.is_file():
             return {**data, "task": str(candidate)}
     return data
+
+
+# Fields a resumed campaign may change: how and how long it runs, not what it searches.
+RESUMABLE_CHANGES = (
+    "budget", "workers", "resources", "ray_address", "max_worker_restarts", "output",
+    "evaluation.device", "evaluation.threads", "evaluation.batch_size", "evaluation.originals_on_cpu",
+)
+
+
+def config_changes(old: CampaignConfig, new: CampaignConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted field path -> (old value, new value) for every leaf that differs."""
+    out: dict[str, tuple[Any, Any]] = {}
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in list(a) + [k for k in b if k not in a]:
+                walk(a.get(key), b.get(key), f"{prefix}{key}.")
+        elif a != b:
+            out[prefix.rstrip(".")] = (a, b)
+
+    walk(old.model_dump(mode="json"), new.model_dump(mode="json"), "")
+    return out
+
+
+def resumed_config(stored: CampaignConfig, given: CampaignConfig, origin: str) -> CampaignConfig:
+    """`stored` with the run-time changes of `given`; a change that alters the search is an error."""
+    changes = config_changes(stored, given)
+    # The strategy settings repeat keep/top_k/...: report those once, at the top level.
+    refused = sorted(
+        k for k in changes
+        if not k.startswith(tuple(f"{p}." for p in RESUMABLE_CHANGES) + RESUMABLE_CHANGES)
+        and not (k.startswith("strategy.") and k.removeprefix("strategy.") in _SHARED_SEARCH_FIELDS)
+    )
+    if refused:
+        shown = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in refused)
+        raise ConfigError(
+            f"{origin}: the given config changes what the search does: {shown}; a resumed run keeps "
+            "its own settings (only budget, workers, resources, evaluation device/threads/batch "
+            "size and output may change); start a new --run-dir instead"
+        )
+    if not changes:
+        return stored
+    data = stored.model_dump(mode="json")
+    for key in changes:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = changes[key][1]
+    return config_from_dict(data, origin=origin)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from eep.candidate import Candidate, CandidateError
-from eep.models.families import get_num_experts
+from eep.models.families import get_num_experts, moe_layers
 from eep.models.loading import load_model
 from eep.models.mapped import MAPPED_PREFIX, SKIP_CONFIG_FIELD, mapped_config_class
+from eep.models.skipping import skip_thresholds_of
 from eep.models.surgery import Surgery
-from eep.oneshot.skipping import skip_thresholds_of
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "eep_candidate.safetensors"
@@ -67,6 +67,7 @@ def export_model(
     num_experts = get_num_experts(net.config, surgery.family)
     # Merge layer by layer and drop each layer's originals at once: the model is never held twice.
     surgery.apply(candidate, release_originals=True)
+    _check_finite(net)
     mapped_router = not candidate.router_has_stock_equivalent()
     # NAEE dynamic-skipping thresholds need eep's class too (it installs the skipping).
     skip_thresholds = skip_thresholds_of(candidate)
@@ -93,6 +94,19 @@ def export_model(
     )
     log.info("exported %s experts of %s per layer to %s", report.keep, num_experts, out_dir)
     return report
+
+
+def _check_finite(net: torch.nn.Module) -> None:
+    """Refuse merged weights that overflowed the dtype (huge coefficients): no checkpoint of infs."""
+    for layer in moe_layers(net):
+        tensors = [*layer.block.named_parameters(), *layer.block.named_buffers()]
+        for name, tensor in tensors:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CandidateError(
+                    f"model.layers.{layer.index}.mlp.{name}: {bad} of {tensor.numel()} values are inf "
+                    f"or NaN after merging in {tensor.dtype} (coefficients too large); nothing was written"
+                )
 
 
 def _write_mapped_config(

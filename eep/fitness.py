@@ -31,8 +31,8 @@ from torch import nn
 
 from eep.candidate import Candidate
 from eep.models.loading import LoadedModel, load_model
+from eep.models.skipping import set_skipping, skip_thresholds_of
 from eep.models.surgery import Surgery
-from eep.oneshot.skipping import set_skipping, skip_thresholds_of
 from eep.result import FitnessResult
 from eep.tasks.example import Example
 from eep.tasks.loaders import load_examples
@@ -206,7 +206,7 @@ class Evaluator:
             self.surgery.restore()
         else:
             self.surgery.apply(candidate)
-        # NAEE dynamic skipping rides in the candidate's extra (None: removed); eep.oneshot.skipping.
+        # NAEE dynamic skipping rides in the candidate's extra (None: removed); eep.models.skipping.
         set_skipping(self.model, skip_thresholds_of(candidate))
         outputs: list = [None] * len(self.examples)
         tokens = 0

@@ -1,6 +1,6 @@
 """Import the EEP authors' published coefficient files (`searched_coeff/*.pth`) as Candidates.
 
-A file is an ordered dict {key: [k, E] float tensor} (reference/eep.md 1.5, 4). Keys:
+A file is an ordered dict {key: [k, E] float tensor}, as the authors' `searched_coeff` files are. Keys:
 `layers.<spec>` (expert merging M) and `transfer.<spec>` (router mapping R), where `<spec>` is a
 layer index `5` or an inclusive range `[a-b]`; `others` / `others_transfer` cover every layer no
 other key matches. The authors resolve them by pattern matching whole dot-separated tokens:
@@ -150,8 +150,8 @@ def read_reference(path: str | Path) -> ReferenceFile:
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
         raise ValueError(
             f"{path}: refused or unreadable: only tensors in dicts/tuples are loaded "
-            f"(torch.load weights_only=True), never arbitrary objects ({_first_line(exc)})"
-        ) from exc
+            f"(torch.load weights_only=True), never arbitrary objects ({_refusal_reason(exc)})"
+        ) from None
     scores = None
     if isinstance(obj, (tuple, list)):
         obj, scores = _split_archive_record(path, obj)
@@ -166,7 +166,7 @@ def read_reference(path: str | Path) -> ReferenceFile:
         if not isinstance(key, str):
             raise ValueError(f"{path}: key {key!r} is not a string")
         if "scaling" in key:
-            # Vestigial in the authors' code: created nowhere, read nowhere (eep.md 1.5).
+            # Vestigial in the authors' code: created nowhere, read nowhere.
             ignored.append(key)
             continue
         if not isinstance(value, torch.Tensor) or value.dim() != 2:
@@ -218,6 +218,16 @@ def _score(path: Path, item: object) -> dict:
         raise ValueError(f"{path}: archive score {item!r} is not (metric_name, value)")
     value = item[1].item() if isinstance(item[1], torch.Tensor) else item[1]
     return {"metric": item[0], "value": float(value)}
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    """Why torch refused a file, without its advice to retry with weights_only=False (never safe here)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    keep = [
+        line for line in lines
+        if "weights_only" not in line and "documentation" not in line and "trusted source" not in line
+    ]
+    return keep[0] if keep else "it holds something other than tensors"
 
 
 def _first_line(exc: BaseException) -> str:

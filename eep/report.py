@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eep.dashboard.rundata import RunView, finite
+from eep.summary import chosen_method, method_rows
 
 REPORT_FILE = "report.html"
 FIGURE_FILE = "fitness.png"
@@ -21,10 +22,6 @@ COLOR = {"init": "#98a2b3", "prune": "#2f6fde", "merge": "#e8890c", "other": "#9
          "best": "#6d28d9", "dev": "#12946b", "test": "#d1306b", "boundary": "#475467",
          "full": "#344054", "random": "#8a94a6"}
 PHASE_LABEL = {"init": "initial population", "prune": "pruning", "merge": "merging", "other": "other"}
-METHOD_ORDER = ("full", "random", "random_search", "coordinate_descent", "eep_prune_only", "eep")
-METHOD_LABEL = {"full": "full model", "random": "random pruning (mean)",
-                "random_search": "random search", "coordinate_descent": "coordinate descent",
-                "eep_prune_only": "EEP prune-only", "eep": "EEP prune+merge"}
 
 
 class ReportError(ValueError):
@@ -85,10 +82,11 @@ def _references(summary: dict) -> dict[str, float | None]:
     baselines = [r["score"] for r in tests if r.get("phase") == "baseline" and r["score"] is not None]
     if baselines:
         refs["random"] = sum(baselines) / len(baselines)
-    methods = (summary.get("final") or {}).get("methods") or {}
-    for key in refs:
-        if finite((methods.get(key) or {}).get("test")) is not None:
-            refs[key] = methods[key]["test"]
+    # The summary's own rows win over the records (it is the number the table shows).
+    for row in (summary.get("final") or {}).get("rows") or []:
+        key = {"reference": "full", "baseline": "random"}.get(row["row"])
+        if key is not None and finite(row.get("test")) is not None:
+            refs[key] = row["test"]
     return refs
 
 
@@ -188,14 +186,12 @@ def _final_table(summary: dict) -> str:
     final = summary.get("final")
     if not final:
         return "<p class=muted>No summary.json yet: the campaign has not finished its dev/test report.</p>"
-    methods = final.get("methods", {})
-    keys = [k for k in METHOD_ORDER if k in methods] + [k for k in methods if k not in METHOD_ORDER]
-    rows = [[METHOD_LABEL.get(k, k), _fmt(methods[k].get("test")), _fmt(methods[k].get("dev")),
-             _fmt(methods[k].get("search")), str(methods[k].get("evaluations", "—")),
-             str(methods[k].get("id", ""))] for k in keys]
+    methods = final.get("rows") or method_rows(final)
+    rows = [[m["label"], _fmt(m.get("test")), _fmt(m.get("dev")), _fmt(m.get("search")),
+             str(m.get("evaluations", "—")), str(m.get("id", ""))] for m in methods]
     caption = (f"{final.get('task')}: keep {final.get('keep')} of {final.get('num_experts')} experts, "
                f"top-{final.get('top_k')}, test split")
-    highlight = keys.index("eep") if "eep" in keys else None
+    highlight = next((i for i, m in enumerate(methods) if m["chosen"]), None)
     return (f"<p class=muted>{html.escape(caption)}</p>"
             + _table(["method", "test", "dev", "search", "evaluations", "candidate"], rows, highlight))
 
@@ -215,7 +211,8 @@ def _heatmap_svg(matrix: list[list[float]], max_abs: float, cell: int) -> str:
 
 
 def _expert_map(view: RunView, summary: dict) -> str:
-    chosen = ((summary.get("final") or {}).get("methods") or {}).get("eep", {}).get("id")
+    final = summary.get("final")
+    chosen = (chosen_method(final) or {}).get("id") if final else None
     candidate_id = chosen or (summary.get("best") or {}).get("id")
     data = view.candidate(candidate_id) if candidate_id else None
     if not data:

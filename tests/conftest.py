@@ -30,3 +30,35 @@ def family(request) -> str:
 def make_tiny():
     """Factory for a fresh tiny random model of a family (same seed -> same weights)."""
     return tiny_model
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory):
+    """A run directory written by a real campaign: EEP on a tiny random Mixtral, in-process pool.
+
+    Both search phases, dev re-ranking and test scores are in it, so the dashboard and report
+    tests read what `eep.campaign` really writes (schema drift fails them), not a hand-made copy.
+    Made once per session (about ten seconds).
+    """
+    from eep.builtin.tokenizer import build_tokenizer  # noqa: PLC0415
+    from eep.campaign import run_campaign  # noqa: PLC0415
+    from eep.config import config_from_dict  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("real-campaign")
+    tokenizer = build_tokenizer()
+    tiny_model("mixtral", num_layers=2, vocab_size=len(tokenizer)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    config = config_from_dict({
+        "name": "real-tiny",
+        "model": str(root / "model"),
+        "task": {"name": "compare", "source": {"kind": "builtin", "name": "compare"},
+                 "splits": {"search": 8, "dev": 8, "test": 8}},
+        "keep": 4,
+        "strategy": {"kind": "eep", "init_population": 4, "discrete_iter": 10, "total_iter": 19},
+        "final": {"random_baselines": 2, "dev_top": 2},
+        "workers": 0,
+        "evaluation": {"device": "cpu", "threads": 1},
+        "seed": 0,
+        "output": {"run_dir": str(root / "real-tiny"), "export": False, "checkpoint_every": 5},
+    })
+    return run_campaign(config, quiet=True)

@@ -33,8 +33,8 @@ def synthetic_score(job: Job) -> float:
 class FakePool:
     """`workers` slots; completes jobs in a seeded scrambled order; can die after N results."""
 
-    def __init__(self, workers: int = 1, die_after: int | None = None, seed: int = 0):
-        self.workers, self.die_after = workers, die_after
+    def __init__(self, workers: int = 1, die_after: int | None = None, seed: int = 0, score=synthetic_score):
+        self.workers, self.die_after, self.score = workers, die_after, score
         self.queue: list[Job] = []
         self.returned = 0
         self.gen = torch.Generator().manual_seed(seed)
@@ -58,7 +58,7 @@ class FakePool:
             raise KeyboardInterrupt("simulated kill")
         i = int(torch.randint(len(self.queue), (1,), generator=self.gen)) if self.workers > 1 else 0
         job = self.queue.pop(i)
-        job.result = FitnessResult(score=synthetic_score(job), metric="acc", count=10, split=job.split)
+        job.result = FitnessResult(score=self.score(job), metric="acc", count=10, split=job.split)
         job.worker = f"w{i}"
         self.returned += 1
         return [job]
@@ -80,8 +80,8 @@ def make_config(model_dir, run_dir, **extra):
         "model": model_dir,
         "task": "add",
         "keep": 4,
-        "strategy": {"kind": "eep", "init_population": 6, "discrete_iter": 15, "total_iter": 30, "dev_top": 4},
-        "final": {"random_baselines": 3},
+        "strategy": {"kind": "eep", "init_population": 6, "discrete_iter": 15, "total_iter": 30},
+        "final": {"random_baselines": 3, "dev_top": 4},
         "output": {"run_dir": str(run_dir), "export": False, "checkpoint_every": 7},
     }
     data.update(extra)
@@ -97,7 +97,11 @@ def test_campaign_runs_to_a_summary(tmp_path, model_dir, workers):
     cfg = make_config(model_dir, tmp_path / "run")
     result = run_campaign(cfg, quiet=True, pool=FakePool(workers))
     methods = result.summary["methods"]
-    assert set(methods) == {"full", "random", "eep", "eep_prune_only"}
+    assert list(methods) == ["full", "random", "eep_prune_only", "eep"]
+    assert [m["label"] for m in methods.values()] == [
+        "full model", "random pruning (mean)", "EEP prune-only", "EEP prune+merge"]
+    assert [m["row"] for m in methods.values()] == ["reference", "baseline", "search", "search"]
+    assert result.summary["chosen"] == "eep"
     assert methods["full"]["test"] == 1.0
     assert methods["eep"]["evaluations"] == 31  # total_iter + 1, as the authors ran
     assert methods["eep"]["dev"] >= methods["eep_prune_only"]["dev"]  # the pruning winner competes
@@ -112,6 +116,8 @@ def test_campaign_runs_to_a_summary(tmp_path, model_dir, workers):
     assert "EEP prune+merge" in result.table
 
 
+# The KeyboardInterrupt runs the search loop's exit checkpoint, so these resumes replay nothing;
+# tests/test_resume.py resumes from the stale checkpoint a real crash leaves.
 @pytest.mark.parametrize("kill_points", [[1], [9, 20], [14, 15, 29]])
 def test_killed_and_resumed_campaign_makes_the_same_decisions(tmp_path, model_dir, kill_points):
     reference = make_config(model_dir, tmp_path / "ref")
@@ -183,3 +189,51 @@ def test_no_complete_candidate_is_reported(tmp_path, model_dir):
     cfg = make_config(model_dir, tmp_path / "run", strategy=strategy)
     result = run_campaign(cfg, quiet=True, pool=FakePool(1))
     assert "no complete candidate" in result.summary["methods"]["coordinate_descent"]["note"]
+
+
+def dev_records(run_dir):
+    return [r for r in RunLog.open(run_dir).records if r["split"] == "dev"]
+
+
+@pytest.mark.parametrize("dev_top", [1, 3])
+def test_final_dev_top_is_honoured_for_eep(tmp_path, model_dir, dev_top):
+    cfg = make_config(model_dir, tmp_path / "run", final={"random_baselines": 0, "dev_top": dev_top})
+    result = run_campaign(cfg, quiet=True, pool=FakePool(1))
+    search = sorted((r for r in RunLog.open(tmp_path / "run").records if r["split"] == "search"),
+                    key=lambda r: -r["score"])
+    pruning = [r for r in search if r["phase"] in ("init", "prune")]
+    # Dev scores exactly the top dev_top of each EEP list (one candidate may be in both).
+    want = {r["hash"] for r in pruning[:dev_top]} | {r["hash"] for r in search[:dev_top]}
+    assert sorted(r["hash"] for r in dev_records(tmp_path / "run")) == sorted(want)
+    assert result.summary["methods"]["eep"]["dev"] is not None
+
+
+def pure_pruning_wins(job: Job) -> float:
+    """1 for the full model and every pure pruning, 0 for merged candidates: both EEP lists tie."""
+    if job.candidate is None:
+        return 1.0
+    return float(all(bool(((m == 0) | (m == 1)).all()) for m in job.candidate.expert_merge))
+
+
+def test_a_candidate_both_eep_lists_choose_is_scored_once_on_test(tmp_path, model_dir):
+    cfg = make_config(model_dir, tmp_path / "run")
+    result = run_campaign(cfg, quiet=True, pool=FakePool(1, score=pure_pruning_wins))
+    methods = result.summary["methods"]
+    assert methods["eep"]["id"] == methods["eep_prune_only"]["id"]
+    records = RunLog.open(tmp_path / "run").records
+    for split in ("dev", "test"):
+        hashes = [r["hash"] for r in records if r["split"] == split]
+        assert len(hashes) == len(set(hashes)), split
+    test = [r for r in records if r["split"] == "test"]
+    assert len(test) == 1 + 1 + 3  # full model, the one chosen candidate, 3 baselines
+    assert methods["eep"]["test"] == methods["eep_prune_only"]["test"]
+
+
+def test_a_resumed_end_phase_reuses_dev_and_test_records(tmp_path, model_dir):
+    cfg = make_config(model_dir, tmp_path / "run")
+    first = run_campaign(cfg, quiet=True, pool=FakePool(1))
+    before = len(RunLog.open(tmp_path / "run").records)
+    (tmp_path / "run" / "summary.json").unlink()
+    again = Campaign(cfg, resume=True, quiet=True, pool=FakePool(1)).finish()
+    assert len(RunLog.open(tmp_path / "run").records) == before
+    assert again.summary["methods"] == first.summary["methods"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
+
 import pytest
 import torch
 
@@ -43,11 +47,44 @@ def test_round_trip_keeps_everything(tmp_path):
     assert path.read_bytes()[:8] != b"PK\x03\x04"  # safetensors, not a torch zip/pickle
 
 
+def documented_hash(num_experts, top_k, mapping, layers, skip_thresholds=None) -> str:
+    """The hash layout of docs/architecture.md ("Candidate"), from plain lists: no eep code."""
+    h = hashlib.sha256(json.dumps([num_experts, top_k, mapping]).encode())
+    if skip_thresholds is not None:
+        h.update(json.dumps(skip_thresholds).encode())
+    for router_map, expert_merge in layers:
+        for rows in (router_map, expert_merge):
+            h.update(f"({len(rows)}, {len(rows[0])})".encode())
+            h.update(b"".join(struct.pack("<f", 0.0 if v == 0 else v) for row in rows for v in row))
+    return h.hexdigest()[:20]
+
+
+def one_hot(kept, num_experts):
+    return [[1.0 if e == k else 0.0 for e in range(num_experts)] for k in kept]
+
+
+def test_hash_follows_the_documented_layout():
+    pruned = [one_hot([0, 1], 8), one_hot([2, 3], 8)]
+    a = Candidate.from_kept([[0, 1], [2, 3]], 8)
+    assert a.content_hash() == documented_hash(8, None, "probs", [(m, m) for m in pruned])
+    # The value run directories hold; the layout above reproduces it.
+    assert a.content_hash() == "3ea66d9e6d920936ba21"
+    skipping = a.with_meta(extra={"skip_thresholds": [0.5, 0.25], "method": "naee"})
+    assert skipping.content_hash() == documented_hash(8, None, "probs", [(m, m) for m in pruned], [0.5, 0.25])
+
+    r = [[0.5, -0.0, -1.25], [0.1, 2.0, 0.0]]  # 0.1 is not a float32: its float32 rounding is hashed
+    m = [[1.0, 0.0, 0.0], [-0.0, 0.3, 0.7]]
+    merged = Candidate(
+        router_map=[torch.tensor(r)], expert_merge=[torch.tensor(m)], num_experts=3, top_k=1,
+        router_mapping="logits",
+    )
+    assert merged.content_hash() == documented_hash(3, 1, "logits", [(r, m)])
+
+
 def test_hash_is_stable_and_ignores_metadata():
     a = Candidate.from_kept([[0, 1], [2, 3]], 8)
-    # A known value: the hash must not change between releases (run directories rely on it).
+    # The hash must not change between releases (run directories rely on it).
     assert a.content_hash() == Candidate.from_kept([[0, 1], [2, 3]], 8, id="x", phase="prune").content_hash()
-    assert a.content_hash() == "3ea66d9e6d920936ba21"
     assert a.content_hash() != Candidate.from_kept([[1, 0], [2, 3]], 8).content_hash()
     assert a.content_hash() != Candidate.from_kept([[0, 1], [2, 3]], 8, top_k=1).content_hash()
     skipping = a.with_meta(extra={"skip_thresholds": [0.5, 0.5]})

@@ -7,21 +7,17 @@ import json
 import pytest
 import yaml
 
-from eep.builtin.tokenizer import build_tokenizer
 from eep.candidate import Candidate
 from eep.cli import main
-from eep.models.testing import tiny_model
+from eep.fitness import Evaluator
+from eep.models.testing import save_tiny_model
 from eep.tasks.registry import available_tasks
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     """A tiny random Mixtral with the character tokenizer, saved as a model folder."""
-    tokenizer = build_tokenizer()
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_model("mixtral", vocab_size=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", "mixtral")
 
 
 def evaluate_json(capsys, *argv: str) -> dict:
@@ -49,6 +45,31 @@ def test_candidate_and_split(model_dir, tmp_path, capsys):
     pruned = evaluate_json(capsys, *argv, "--candidate", str(path))
     assert full["split"] == pruned["split"] == "dev" and pruned["candidate"] == str(path)
     assert full["metric"] == "exact_match" and pruned["count"] == 4
+
+
+def test_candidate_changes_the_score_as_the_evaluator_does(tmp_path, capsys):
+    # The trained tiny model sorts almost perfectly; keeping 2 of 8 experts per layer breaks
+    # some answers, so a CLI that ignored --candidate would print the full model's numbers.
+    path = Candidate.random_pruning(4, 8, keep=2, generator=0).save(tmp_path / "keep2.safetensors")
+    argv = ["--model", "builtin:tiny-moe", "--task", "sort", "--limit", "16", "--batch-size", "16"]
+    full = evaluate_json(capsys, *argv)
+    pruned = evaluate_json(capsys, *argv, "--candidate", str(path))
+    assert full["score"] >= 0.9, full
+    assert pruned["score"] < full["score"] - 0.1, (pruned, full)
+    assert pruned["metrics"] != full["metrics"]
+
+    evaluator = Evaluator("builtin:tiny-moe", "sort", batch_size=16, max_examples=16)
+    for out, candidate in ((full, None), (pruned, Candidate.load(path))):
+        direct = evaluator.evaluate(candidate)
+        assert (out["score"], out["metrics"], out["count"]) == (
+            direct.score,
+            direct.metrics,
+            direct.count,
+        )
+
+    assert main(["evaluate", *argv, "--candidate", str(path)]) == 0
+    human = capsys.readouterr().out
+    assert human.startswith(f"sort [search]: exact_match {pruned['score']:.4f} ("), human
 
 
 def test_human_output(model_dir, capsys):

@@ -31,8 +31,11 @@ def test_top_level_fields_reach_the_strategy():
     ("data", "message"),
     [
         ({**BASE, "keep": 0}, "keep"),
-        ({**BASE, "strategy": {"kind": "eep", "mutate_prob": 2}}, "strategy.eep.mutate_prob"),
-        ({**BASE, "strategy": {"kind": "annealing"}}, "strategy"),
+        ({**BASE, "strategy": {"kind": "eep", "mutate_prob": 2}}, "strategy.mutate_prob"),
+        ({**BASE, "strategy": {"kind": "annealing"}}, "strategy: unknown strategy kind 'annealing'.*eep"),
+        ({**BASE, "strategy": {"kind": "random", "total_iter": 3}}, "strategy.total_iter: unknown field"),
+        ({**BASE, "strategy": {"kind": "eep", "dev_top": 4}, "final": {"dev_top": 5}},
+         r"strategy.dev_top \(4\) and final.dev_top \(5\) disagree"),
         ({**BASE, "bogus": 1}, "bogus"),
         ({**BASE, "task": "no-such-task"}, "no-such-task"),
         ({**BASE, "strategy": {"kind": "eep", "keep": 2}}, "set keep once"),
@@ -43,6 +46,16 @@ def test_top_level_fields_reach_the_strategy():
 def test_errors_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(data, origin="x.yaml")
+
+
+def test_dev_top_has_one_source_final_dev_top():
+    assert config_from_dict(BASE).final.dev_top == 20
+    assert not hasattr(config_from_dict(BASE).strategy, "dev_top")
+    # An older file's EEP `strategy.dev_top` moves to final.dev_top (equal values are no conflict).
+    old = config_from_dict({**BASE, "strategy": {"kind": "eep", "dev_top": 4}})
+    assert old.final.dev_top == 4 and "dev_top" not in old.to_yaml().split("final:")[0]
+    same = config_from_dict({**BASE, "strategy": {"kind": "eep", "dev_top": 4}, "final": {"dev_top": 4}})
+    assert same == old
 
 
 def test_file_errors_name_the_file(tmp_path):

@@ -287,3 +287,111 @@ def test_a_taken_port_is_reported_clearly(serve, finished_run):
     url = serve(finished_run.path)
     with pytest.raises(OSError, match="another eep dashboard"):
         start_dashboard([finished_run.path], port=urlsplit(url).port)
+
+
+# --------------------------------------------------------------------------------- robustness
+def test_one_pathological_line_breaks_neither_its_run_nor_the_others(serve, tmp_path, finished_run):
+    broken = SyntheticRun(tmp_path / "broken", total_iter=99, start=time.time() - 100)
+    broken.append(5)
+    with open(broken.path / "evaluations.jsonl", "a") as f:
+        f.write("[" * 100_000 + "\n")  # json.loads raises RecursionError, not a decode error
+        f.write('{"id": "deep", "split": "search", "phase": ' + "[" * 900 + "]" * 900 + "}\n")
+        f.write("[1, 2]\n")
+    broken.append(3)
+    url = serve(finished_run.path, broken.path)
+    runs = get_json(url, "/api/runs")
+    assert [r["counts"]["search"] for r in runs] == [60, 9]  # the deep one is a record
+    for what in ("evaluations", "evaluations?format=columns", "summary", "best"):
+        get_json(url, f"/api/runs/broken/{what}")
+    assert get_json(url, "/api/runs/broken/summary")["skipped_lines"] == 2
+
+
+def test_negative_limit_is_refused_and_answers_are_paged(serve, tmp_path):
+    from eep.dashboard.rundata import MAX_RECORDS
+
+    big = SyntheticRun(tmp_path / "big", total_iter=MAX_RECORDS + 99)
+    big.append(MAX_RECORDS + 10)
+    url = serve(big.path)
+    for query in ("since=10&limit=-5", "since=-1"):
+        status, body, _ = request(url, f"/api/runs/big/evaluations?{query}")
+        assert status == 400 and b">= 0" in body
+    first = get_json(url, "/api/runs/big/evaluations?since=0")
+    assert len(first["records"]) == MAX_RECORDS and first["next"] == MAX_RECORDS  # then poll from next
+    rest = get_json(url, f"/api/runs/big/evaluations?since={first['next']}&limit={10 * MAX_RECORDS}")
+    assert rest["next"] == rest["total"] == MAX_RECORDS + 10 and len(rest["records"]) == 10
+
+
+# --------------------------------------------------------------------------------- a real campaign
+# The same API over a run directory written by `eep.campaign` (the `real_run` fixture), so a field
+# the campaign renames or stops writing fails here, not only in a user's browser.
+def _file_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+
+
+def test_real_campaign_runs_and_evaluations(serve, real_run):
+    url = serve(real_run.run_dir)
+    records = _file_records(real_run.run_dir)
+    search = [r for r in records if r["split"] == "search"]
+    (run,) = get_json(url, "/api/runs")
+    assert run["name"] == "real-tiny" and run["status"] == "finished"
+    assert run["counts"]["search"] == len(search) == real_run.summary["search_evaluations"] == 20
+    splits: dict[str, int] = {}
+    for r in records:
+        splits[r["split"]] = splits.get(r["split"], 0) + 1
+    assert run["counts"]["splits"] == splits and set(splits) == {"search", "dev", "test"}
+    assert run["counts"]["failed"] == 0 and run["budget"] == 20
+    top = max(r["score"] for r in search)
+    first_top = next(i for i, r in enumerate(search) if r["score"] == top)
+    assert run["best"] == {"id": search[first_top]["id"], "score": top, "index": first_top}
+
+    served = get_json(url, "/api/runs/real-tiny/evaluations")
+    assert served["total"] == len(records)
+    assert [(r["id"], r["split"], r["score"]) for r in served["records"]] == [
+        (r["id"], r["split"], r["score"]) for r in records
+    ]
+    cols = get_json(url, "/api/runs/real-tiny/evaluations?format=columns")["columns"]
+    assert cols["phase"][: len(search)] == [r["phase"] for r in search]
+    assert cols["worker"] == ["local"] * len(records)
+    assert all(e is not None and e >= 0 for e in cols["elapsed"][: len(search)])
+
+
+def test_real_campaign_best_matches_its_candidate_file(serve, real_run):
+    from eep.candidate import Candidate
+
+    url = serve(real_run.run_dir)
+    best = get_json(url, "/api/runs/real-tiny/best")
+    assert not best.get("missing"), "the best search candidate's file is not in the run"
+    saved = Candidate.load(real_run.run_dir / "candidates" / f"{best['id']}.safetensors")
+    assert best["num_experts"] == 8 and best["keep"] == [4, 4] == saved.keep_per_layer
+    assert best["kept"] == saved.kept_experts()
+    assert best["layers"] == [
+        {"router_map": r.tolist(), "expert_merge": m.tolist()}
+        for r, m in zip(saved.router_map, saved.expert_merge, strict=True)
+    ]
+
+
+def test_real_campaign_summary_progress_workers_and_final(serve, real_run):
+    url = serve(real_run.run_dir)
+    records = _file_records(real_run.run_dir)
+    search = [r for r in records if r["split"] == "search"]
+    s = get_json(url, "/api/runs/real-tiny/summary")
+    assert s["progress"]["done"] == 20 and s["progress"]["fraction"] == 1
+    assert s["progress"]["elapsed"] == pytest.approx(max(r["elapsed"] for r in search))
+    assert s["phase_boundary"] == [r["phase"] for r in search].index("merge") == 11
+    assert s["config"] | {"model": None} == {
+        "name": "real-tiny", "model": None, "task": "compare", "keep": 4, "top_k": None,
+        "router_mapping": "probs", "strategy": "eep", "workers": 0, "seed": 0,
+    }
+    (worker,) = s["workers"]
+    assert worker["worker"] == "local" and worker["evaluations"] == len(records)
+    assert worker["mean_seconds"] == pytest.approx(sum(r["seconds"] for r in records) / len(records))
+    assert 0 < worker["utilisation"] <= 1
+    for split in ("dev", "test"):
+        rows = [r for r in records if r["split"] == split]
+        assert [(h["id"], h["score"]) for h in s["held_out"][split]] == [(r["id"], r["score"]) for r in rows]
+    at = {r["id"]: i for i, r in reversed(list(enumerate(search)))}
+    assert [h["at"] for h in s["held_out"]["dev"]] == [at[r["id"]] for r in records if r["split"] == "dev"]
+    final = s["final"]
+    written = json.loads((real_run.run_dir / "summary.json").read_text())
+    assert {k: v for k, v in final.items() if k != "rows"} == written == json.loads(json.dumps(real_run.summary))
+    assert [row["label"] for row in final["rows"]] == [m["label"] for m in written["methods"].values()]

@@ -20,7 +20,7 @@ from eep.dashboard import start_dashboard
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-# As platform-notes says: without the background-networking flags Chromium keeps dialling out.
+# Without the background-networking flags Chromium keeps dialling out.
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -63,6 +63,54 @@ def page(browser):
     assert not errors, f"the page reported errors: {errors}"
 
 
+# Pixel statistics of every canvas matching a selector, computed in the page: an FNV-1a digest of
+# the RGBA bytes, the pixels with ink (not transparent, not near-white), and per target colour
+# the pixels within `tol` of it on every channel.
+CANVAS_STATS = """([selector, targets, tol]) => {
+  const out = { canvases: 0, pixels: 0, ink: 0, digest: 2166136261, near: {} };
+  for (const name of Object.keys(targets)) out.near[name] = 0;
+  for (const canvas of document.querySelectorAll(selector)) {
+    out.canvases += 1;
+    const d = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    out.pixels += d.length / 4;
+    for (let i = 0; i < d.length; i += 4) {
+      for (let k = 0; k < 4; k++) out.digest = Math.imul(out.digest ^ d[i + k], 16777619) >>> 0;
+      if (d[i + 3] > 0 && Math.min(d[i], d[i + 1], d[i + 2]) < 235) out.ink += 1;
+      for (const [name, c] of Object.entries(targets)) {
+        if (Math.abs(d[i] - c[0]) <= tol && Math.abs(d[i + 1] - c[1]) <= tol
+            && Math.abs(d[i + 2] - c[2]) <= tol && d[i + 3] > 200) out.near[name] += 1;
+      }
+    }
+  }
+  return out;
+}"""
+# Scatter points are drawn at alpha 0.75 over a white plot (the merging band is nearly white):
+# these are the phase colours of app.js blended that way.
+POINT_COLOURS = {
+    "prune": [round(0.75 * c + 0.25 * 255) for c in (0x2F, 0x6F, 0xDE)],
+    "merge": [round(0.75 * c + 0.25 * 255) for c in (0xE8, 0x89, 0x0C)],
+}
+
+
+def canvas_stats(page, selector: str, targets: dict | None = None, tol: int = 14) -> dict:
+    """Pixel statistics of the canvases matching `selector` (see CANVAS_STATS)."""
+    stats = page.evaluate(CANVAS_STATS, [selector, targets or {}, tol])
+    assert stats["canvases"] > 0, f"no canvas matches {selector!r}"
+    return stats
+
+
+def assert_not_blank(path: Path) -> None:
+    """A screenshot with a real picture in it: many colours, no colour covering almost all of it."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    rgb = (imread(path)[..., :3] * 255).round().astype(np.uint32)
+    packed = (rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]).ravel()
+    _, counts = np.unique(packed, return_counts=True)
+    assert len(counts) > 50, f"{path.name}: only {len(counts)} colours"
+    assert counts.max() < 0.95 * packed.size, f"{path.name}: one colour covers the page"
+
+
 def wait_points(page, n: int, timeout: float = 60_000) -> None:
     # Generous: switching runs re-fetches and redraws the run, which took over 20 s with a
     # benchmark and the rest of the suite sharing the 2 cores (this file alone passes in 25 s).
@@ -82,6 +130,10 @@ def test_live_page_shows_every_point_and_updates(tmp_path, page):
         page.goto(url)
         wait_points(page, 240)
         chart = page.locator("#fitness")
+        first = canvas_stats(page, "#fitness", POINT_COLOURS)
+        # both phases' points are on the canvas (merging starts at #201)
+        assert first["near"]["prune"] > 50 and first["near"]["merge"] > 20, first
+        assert first["ink"] > 3000, first
         assert chart.get_attribute("data-boundary") == str(live.discrete + 1)  # "#201"
         assert page.locator("#kpi-best").inner_text() == f"{live.best:.4f}"
         assert page.locator("#kpi-progress").inner_text() == "240 / 400"
@@ -106,20 +158,41 @@ def test_live_page_shows_every_point_and_updates(tmp_path, page):
         assert page.locator("#kpi-progress").inner_text() == "265 / 400"
         assert page.locator("#kpi-best").inner_text() == f"{live.best:.4f}"
         time.sleep(0.5)
+        by_index = canvas_stats(page, "#fitness", POINT_COLOURS)
+        assert by_index["digest"] != first["digest"], "new evaluations did not change the drawing"
+        assert by_index["near"]["merge"] > first["near"]["merge"], "25 more merging points"
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        assert_not_blank(ARTIFACTS / "dashboard.png")
 
+        # The best candidate is a merged one (M != R): the two matrices draw differently.
+        merge_map = canvas_stats(page, "#expert-map canvas")
+        assert merge_map["canvases"] == 8 and merge_map["ink"] > 0
         page.click("#x-time")
         page.click("#m-router")
         time.sleep(0.3)
-        assert chart.get_attribute("data-points") == "265"
+        by_time = canvas_stats(page, "#fitness", POINT_COLOURS)
+        assert by_time["digest"] != by_index["digest"], "the x-axis toggle did not redraw"
+        assert by_time["near"]["prune"] > 50 and by_time["near"]["merge"] > 20, by_time
+        router_map = canvas_stats(page, "#expert-map canvas")
+        assert router_map["canvases"] == 8
+        assert router_map["digest"] != merge_map["digest"], "the M/R toggle did not redraw"
         page.screenshot(path=str(ARTIFACTS / "dashboard-wall-time.png"), full_page=True)
+        assert_not_blank(ARTIFACTS / "dashboard-wall-time.png")
+        page.click("#x-index")
+        page.click("#m-merge")
+        time.sleep(0.3)  # toggling back draws exactly the first pictures again
+        assert canvas_stats(page, "#fitness", POINT_COLOURS)["digest"] == by_index["digest"]
+        assert canvas_stats(page, "#expert-map canvas")["digest"] == merge_map["digest"]
 
         page.click("#runs button:nth-child(2)")  # the finished run
         wait_points(page, 200)
         page.wait_for_selector("#final-card:not([hidden])")
         assert page.locator("#run-status").inner_text().lower() == "finished"
         assert "EEP prune+merge" in page.locator("#final").inner_text()
+        finished = canvas_stats(page, "#fitness", POINT_COLOURS)
+        assert finished["digest"] != by_index["digest"] and finished["near"]["prune"] > 20
         page.screenshot(path=str(ARTIFACTS / "dashboard-finished.png"), full_page=True)
+        assert_not_blank(ARTIFACTS / "dashboard-finished.png")
     finally:
         page.close()  # before the server goes: a poll into a closed port logs a console error
         server.shutdown()
@@ -141,9 +214,13 @@ def test_100k_evaluations_render_in_under_two_seconds(tmp_path, page):
             timings.append({k: float(page.locator("#fitness").get_attribute(f"data-{k}"))
                             for k in ("render-ms", "draw-ms", "drawn")})
         page.screenshot(path=str(ARTIFACTS / "dashboard-100k.png"), full_page=True)
+        assert_not_blank(ARTIFACTS / "dashboard-100k.png")
+        by_index = canvas_stats(page, "#fitness", POINT_COLOURS)
+        assert by_index["ink"] > 10_000, by_index
         page.click("#x-time")
         time.sleep(0.2)
         toggled_ms = float(page.locator("#fitness").get_attribute("data-draw-ms"))
+        assert canvas_stats(page, "#fitness")["digest"] != by_index["digest"]
     finally:
         page.close()  # before the server goes: a poll into a closed port logs a console error
         server.shutdown()

@@ -135,15 +135,49 @@ def test_chunking_does_not_change_losses():
     assert tiny.losses[0] == pytest.approx(whole.losses[0], rel=1e-6)
 
 
+def _replay_beam(losses: dict[tuple[int, ...], float], num_experts: int, drop: int, width: int):
+    """The dropped set a beam search of `width` must end at, replayed from the losses it scored.
+
+    Level by level, the sets scored must be exactly the one-expert extensions of the previous
+    level's `width` best (ties: the lexicographically first), and nothing else.
+    """
+    beams: list[tuple[int, ...]] = [()]
+    for level in range(1, drop + 1):
+        grown = {tuple(sorted((*d, e))) for d in beams for e in range(num_experts) if e not in d}
+        scored = {d: loss for d, loss in losses.items() if len(d) == level}
+        assert scored.keys() == grown, f"level {level} scored other sets than the beam's extensions"
+        beams = sorted(scored, key=lambda d: (scored[d], d))[:width]
+    assert all(1 <= len(d) <= drop for d in losses)
+    return beams[0]
+
+
 def test_beam_search_for_many_experts():
-    model = tiny_model("mixtral", num_layers=1, num_experts=12)
+    # Seed 10 is a layer where greedy (a beam of width 1) ends at the second best subset of
+    # C(12, 4) and a beam of width 2 at the best: the two methods really differ here.
+    model = tiny_model("mixtral", seed=10, num_layers=1, num_experts=12)
     calibration = _calibration(pad=False)
     exact = naee_prune(model, calibration, keep=8)  # C(12, 4) = 495 subsets
+    assert exact.methods == ["enumerate"] and len(exact.losses[0]) == 495
+    optimum = min(exact.losses[0].values())
+
     greedy = naee_prune(model, calibration, keep=8, max_subsets=10)
     assert greedy.methods == ["beam"] and greedy.passes == 4  # one pass per dropped expert
     dropped = tuple(e for e in range(12) if e not in greedy.kept[0])
+    assert _replay_beam(greedy.losses[0], 12, 4, width=1) == dropped
     assert greedy.losses[0][dropped] == pytest.approx(exact.losses[0][dropped], rel=1e-9)
-    assert greedy.losses[0][dropped] >= min(exact.losses[0].values()) * (1 - 1e-12)
+    assert greedy.losses[0][dropped] > optimum * (1 + 1e-6), "greedy found the optimum here"
+    # A set's loss does not depend on the search that scored it: every level agrees with an
+    # enumeration of that many dropped experts.
+    for level in (1, 2, 3):
+        enumerated = naee_prune(model, calibration, keep=12 - level).losses[0]
+        at_level = {d: loss for d, loss in greedy.losses[0].items() if len(d) == level}
+        assert at_level == pytest.approx({d: enumerated[d] for d in at_level}, rel=1e-9)
+
+    beam = naee_prune(model, calibration, keep=8, max_subsets=10, beam_width=2)
+    assert _replay_beam(beam.losses[0], 12, 4, width=2) == tuple(
+        e for e in range(12) if e not in beam.kept[0]
+    )
+    assert beam.kept == exact.kept
     # A beam as wide as the level keeps every subset: the global optimum.
     wide = naee_prune(model, calibration, keep=8, max_subsets=10, beam_width=495)
     assert wide.kept == exact.kept

@@ -14,18 +14,17 @@ from eep.builtin.tokenizer import build_tokenizer
 from eep.candidate import Candidate
 from eep.export import export_model
 from eep.models.families import moe_layers
-from eep.models.surgery import Surgery
-from eep.models.testing import tiny_model
-from eep.oneshot.calibration import Calibration
-from eep.oneshot.skipping import (
+from eep.models.skipping import (
     CONFIG_FIELD,
     DynamicSkipping,
     SkippingError,
-    calibrate_thresholds,
     installed_skipping,
     set_skipping,
-    with_skip_thresholds,
 )
+from eep.models.surgery import Surgery
+from eep.models.testing import TINY_FAMILIES, tiny_model
+from eep.oneshot.calibration import Calibration
+from eep.oneshot.skipping import calibrate_thresholds, with_skip_thresholds
 
 TOKENS = torch.randint(3, 60, (3, 12), generator=torch.Generator().manual_seed(2))
 
@@ -172,3 +171,23 @@ def test_evaluator_scores_with_the_candidates_thresholds(tmp_path):
     assert evaluator.last_outputs == plain_outputs
     evaluator.evaluate(None)
     assert installed_skipping(evaluator.model) is None
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_skipping_every_second_expert_is_top_1_routing(family):
+    """A lone first expert gets what the family's own top-1 router gives it: 1 x the scaling
+    factor where top-k is renormalised (Mixtral, Qwen3, DeepSeek-V3: 2.5), its own weight where
+    it is not (Qwen2, OLMoE, DeepSeek-V2 with factor 16)."""
+    overrides = {"num_experts_per_tok": 2}  # tiny DeepSeek-V2 routes top-3
+    skipping, top1 = tiny_model(family, **overrides), tiny_model(family, **overrides)
+    for layer in moe_layers(skipping) + moe_layers(top1):
+        # The rule keeps the larger weight; DeepSeek-V3's top-1 takes the larger biased score.
+        if getattr(layer.gate, "e_score_correction_bias", None) is not None:
+            layer.gate.e_score_correction_bias.zero_()
+    set_skipping(skipping, [1.0] * len(moe_layers(skipping)))
+    surgery = Surgery(top1)
+    surgery.apply(Candidate.identity(surgery.num_layers, surgery.num_experts, top_k=1))
+    with torch.no_grad():
+        got, want = skipping(TOKENS).logits, top1(TOKENS).logits
+    assert installed_skipping(skipping).skipped_fraction() == 0.5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -36,12 +38,14 @@ SPLITS = ("search", "dev", "test")
 
 
 class FakeEvaluator:
-    """Sleeps `seconds`, scores by hash; raises for candidates whose id is in `raise_for`,
-    and kills its own process for ids in `exit_for` (a worker lost mid-evaluation)."""
+    """Sleeps `seconds` (`slow_for[id]` for those ids), scores by hash; raises for candidates
+    whose id is in `raise_for`, and kills its own process for ids in `exit_for` (a worker lost
+    mid-evaluation)."""
 
-    def __init__(self, split: str, seconds: float, raise_for=(), exit_for=()):
+    def __init__(self, split: str, seconds: float, raise_for=(), exit_for=(), slow_for=None):
         self.split, self.seconds = split, seconds
         self.raise_for, self.exit_for = set(raise_for), set(exit_for)
+        self.slow_for = dict(slow_for or {})
 
     def evaluate(self, candidate):
         cid = "full" if candidate is None else candidate.id
@@ -49,19 +53,20 @@ class FakeEvaluator:
             os._exit(1)
         if cid in self.raise_for:
             raise ValueError(f"cannot score {cid}")
-        time.sleep(self.seconds)
+        time.sleep(self.slow_for.get(cid, self.seconds))
         key = "full" if candidate is None else candidate.content_hash()
         score = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
         return FitnessResult(score=score, metric="acc", count=10, seconds=self.seconds, split=self.split)
 
 
-def fake_build(seconds: float = 0.05, raise_for=(), exit_for=(), fail: str | None = None):
+def fake_build(seconds: float = 0.05, raise_for=(), exit_for=(), fail: str | None = None,
+               slow_for=None):
     """A `build` for RayPool: fake evaluators instead of a model."""
 
     def build(spec: WorkerSpec) -> dict:
         if fail:
             raise FileNotFoundError(fail)
-        return {s: FakeEvaluator(s, seconds, raise_for, exit_for) for s in spec.splits}
+        return {s: FakeEvaluator(s, seconds, raise_for, exit_for, slow_for) for s in spec.splits}
 
     return build
 
@@ -70,6 +75,8 @@ def fake_build(seconds: float = 0.05, raise_for=(), exit_for=(), fail: str | Non
 def cluster(tmp_path_factory):
     """A local Ray cluster on loopback: a 2-CPU head, nodes added by tests."""
     ray_runtime.use_loopback()
+    # Every Ray process (and the driver) reports metrics this often; the default is 10 s.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "500")
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
@@ -95,8 +102,8 @@ def make_config(model_dir, run_dir, workers=2, **extra):
         "task": {"name": "add", "source": {"kind": "builtin", "name": "add"},
                  "splits": {"search": 10, "dev": 10, "test": 10}},
         "keep": 4,
-        "strategy": {"kind": "eep", "init_population": 6, "discrete_iter": 12, "total_iter": 24, "dev_top": 3},
-        "final": {"random_baselines": 2},
+        "strategy": {"kind": "eep", "init_population": 6, "discrete_iter": 12, "total_iter": 24},
+        "final": {"random_baselines": 2, "dev_top": 3},
         "workers": workers,
         "resources": {"num_cpus": 1},
         "evaluation": {"device": "cpu", "threads": 1},
@@ -134,6 +141,30 @@ def grow_until(pool: RayPool, workers: int, seconds: float = 120) -> None:
 
 def search_records(run_dir) -> list[dict]:
     return [r for r in RunLog.open(run_dir).records if r["split"] == "search"]
+
+
+def scrape_eep_metrics(campaign: str) -> dict[tuple[str, str], float]:
+    """The head node's Prometheus export, eep samples of one campaign: (sample, split) -> value.
+
+    Histogram buckets come as (`..._bucket le=X`, split). Ray approximates a histogram's `_sum`
+    from bucket midpoints, so it is left out.
+    """
+    parser = pytest.importorskip("prometheus_client.parser")
+    head = next(n for n in ray.nodes() if n["Alive"] and n["MetricsExportPort"])
+    url = f"http://{head['NodeManagerAddress']}:{head['MetricsExportPort']}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for family in parser.text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_eep_") and sample.labels.get("campaign") == campaign:
+                if sample.name.endswith("_sum"):
+                    continue
+                name = sample.name
+                if name.endswith("_bucket"):
+                    name += f" le={float(sample.labels['le'])}"
+                key = (name, sample.labels.get("split", ""))
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
 
 
 # ---------------------------------------------------------------------------------- pure logic
@@ -250,11 +281,13 @@ def test_a_candidate_that_kills_every_worker_is_recorded_failed(cluster, model_d
     try:
         for i in range(3):
             pool.submit(Job(candidate(i)))
-        done = {j.candidate.id: j for j in drain(pool)}
-        assert done.keys() == {"c000", "c001", "c002"}
+        finished = drain(pool)
+        done = {j.candidate.id: j for j in finished}
+        assert sorted(j.candidate.id for j in finished) == ["c000", "c001", "c002"]  # once each
         assert "WorkerLost" in done["c001"].result.error and done["c001"].worker == "lost"
-        assert not done["c002"].result.failed
-        assert pool.size == 1  # replaced twice
+        assert not done["c002"].result.failed and done["c002"].worker == "ray-2"
+        assert pool.deaths == 2  # c001 killed ray-0, then its replacement ray-1
+        assert pool.size == 1 and set(pool.actors) == {"ray-2"}  # replaced twice
     finally:
         pool.close()
 
@@ -265,15 +298,17 @@ class KillingPool(RayPool):
     def __init__(self, *args, kill_at=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.kill_at, self.submitted, self.killed = set(kill_at), 0, []
+        self.killed_jobs: list[str] = []  # candidate ids in flight on the killed actors
 
     def submit(self, job):
         super().submit(job)
         self.submitted += 1
         if self.submitted in self.kill_at:
-            for worker in self._workers.values():
-                if worker.job is job:
-                    ray.kill(worker.handle)
-                    self.killed.append(worker.name)
+            for name, running in self.running.items():
+                if running is job:
+                    ray.kill(self.actors[name])
+                    self.killed.append(name)
+                    self.killed_jobs.append(job.candidate.id)
 
 
 @pytest.mark.slow
@@ -283,12 +318,17 @@ def test_campaign_survives_killed_actors(cluster, model_dir, tmp_path):
                        kill_at=(3, 12))
     campaign = Campaign(cfg, quiet=True, pool=pool)
     result = campaign.run()
-    assert len(pool.killed) == 2
+    assert len(pool.killed) == len(pool.killed_jobs) == 2
+    assert pool.deaths == 2
     search = search_records(tmp_path / "run")
     # every asked candidate has exactly one search result
     assert len(search) == campaign.progress.asked == result.summary["search_evaluations"] == 25
     assert len({r["id"] for r in search}) == len({r["hash"] for r in search}) == 25
     assert not any(r["error"] for r in search)
+    # the killed actors' candidates went back in the queue and another actor scored them
+    for name, cid in zip(pool.killed, pool.killed_jobs, strict=True):
+        (record,) = [r for r in search if r["id"] == cid]
+        assert record["worker"] != name and record["score"] is not None
     workers = {r["worker"] for r in RunLog.open(tmp_path / "run").records}
     assert workers - {"ray-0", "ray-1"}  # replacements worked too
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["search_evaluations"] == 25
@@ -302,6 +342,7 @@ def test_all_workers_gone_stops_cleanly_and_resumes(cluster, model_dir, tmp_path
     assert pool.max_restarts == 0
     with pytest.raises(PoolError, match="every Ray worker is gone"):
         Campaign(cfg, quiet=True, pool=pool).run()
+    assert pool.deaths == 2 and sorted(pool.killed) == ["ray-0", "ray-1"]  # none replaced
     first = search_records(tmp_path / "run")
     assert 4 <= len(first) < 25
     assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
@@ -317,7 +358,11 @@ def test_all_workers_gone_stops_cleanly_and_resumes(cluster, model_dir, tmp_path
 @pytest.mark.slow
 def test_pool_grows_with_the_cluster_and_survives_a_lost_node(cluster, model_dir, tmp_path):
     cfg = make_config(model_dir, tmp_path / "run", workers=3)
-    pool = RayPool(spec_of(cfg), cfg, build=fake_build(seconds=0.1), poll_seconds=0.2)
+    # The first three jobs after the third actor joins take long: one is surely on that actor
+    # when its node goes away.
+    slow = {f"c{i:03d}": 3.0 for i in range(4, 7)}
+    pool = RayPool(spec_of(cfg), cfg, build=fake_build(seconds=0.1, slow_for=slow),
+                   poll_seconds=0.2)
     node = None
     try:
         grow_until(pool, 2)  # the head has 2 CPUs: 2 of 3 workers fit
@@ -330,12 +375,17 @@ def test_pool_grows_with_the_cluster_and_survives_a_lost_node(cluster, model_dir
         grow_until(pool, 3)
         for i in range(4, 40):
             pool.submit(Job(candidate(i)))
-        done = pool.wait(timeout=30)
+        lost = pool.running["ray-2"]
+        assert lost.candidate.id in slow and pool.deaths == 0
         cluster.remove_node(node, allow_graceful=False)  # the third actor's node goes away
         node = None
-        done += drain(pool)
+        done = drain(pool)
+        # each job exactly once; the lost node's job was re-queued and scored on the head
         assert sorted(j.candidate.id for j in done) == [f"c{i:03d}" for i in range(4, 40)]
-        assert {j.worker for j in done} >= {"ray-0", "ray-1", "ray-2"}
+        (again,) = [j for j in done if j.candidate.id == lost.candidate.id]
+        assert again.worker in {"ray-0", "ray-1"} and not again.result.failed
+        assert {j.worker for j in done} == {"ray-0", "ray-1"}  # ray-2 finished nothing
+        assert pool.deaths == 1
         assert pool.size == 2  # goes on with the head's two
     finally:
         if node is not None:
@@ -354,3 +404,39 @@ def test_campaign_with_the_real_evaluator(cluster, model_dir, tmp_path):
     assert {r["worker"] for r in records} <= {"ray-0", "ray-1"}
     assert {r["split"] for r in records} == {"search", "dev", "test"}
     assert result.summary["methods"]["full"]["test"] is not None
+
+
+@pytest.mark.slow
+def test_campaign_metrics_reach_rays_prometheus_export(cluster, model_dir, tmp_path):
+    # A name no other test uses: the driver's counters live as long as the module's Ray.
+    cfg = make_config(model_dir, tmp_path / "run", name="ray-metrics")
+    pool = RayPool(spec_of(cfg), cfg, build=fake_build(seconds=0.05, raise_for={"eep-00003"}),
+                   poll_seconds=0.1)
+    Campaign(cfg, quiet=True, pool=pool).run()
+    records = RunLog.open(tmp_path / "run").records
+    expected: dict[tuple[str, str], float] = {}
+    for r in records:
+        failed = bool(r["error"]) or r["score"] is None or not math.isfinite(r["score"])
+        name = "ray_eep_evaluations_failed_total" if failed else "ray_eep_evaluations_done_total"
+        for key in ((name, r["split"]), ("ray_eep_evaluation_seconds_count", r["split"])):
+            expected[key] = expected.get(key, 0.0) + 1
+    search_scores = [r["score"] for r in records if r["split"] == "search" and not r["error"]]
+    expected[("ray_eep_best_score", "")] = max(search_scores)
+    expected[("ray_eep_workers", "")] = 2.0
+    assert expected[("ray_eep_evaluations_failed_total", "search")] == 1  # eep-00003
+    assert {split for _, split in expected} == {"", "search", "dev", "test"}
+
+    deadline = time.monotonic() + 60
+    while True:  # Ray exports what the driver recorded every report interval
+        seen = scrape_eep_metrics("ray-metrics")
+        buckets = {k: v for k, v in seen.items() if "_bucket" in k[0]}
+        if all(seen.get(k) == v for k, v in expected.items()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert {k: seen.get(k) for k in expected} == expected
+    assert seen.keys() - buckets.keys() == expected.keys()
+    # Cumulative histogram buckets: evaluations of at most `le` seconds.
+    assert len(buckets) > 3 * 2
+    for (name, split), count in buckets.items():
+        le = float(name.rsplit("le=", 1)[1])
+        assert count == sum(r["seconds"] <= le for r in records if r["split"] == split), name

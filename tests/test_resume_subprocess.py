@@ -63,16 +63,25 @@ def test_sigkill_at_several_points_then_resume(tmp_path):
     assert len(want) == 29
 
     run_dir = tmp_path / "run"
+    kept: list[bytes] = []
     for i, point in enumerate([3, 11, 20]):
         proc = _search(config, run_dir, resume=i > 0)
         deadline = time.time() + 300
         while _search_records(run_dir) < point and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
+        alive = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert _search_records(run_dir) < len(want)  # really killed mid-campaign
+        assert alive, f"eep search exited (code {proc.returncode}) before the kill at {point}"
+        assert proc.returncode == -signal.SIGKILL
+        # Killed mid-search: the log has some records (at least the kill point) but not all.
+        assert point <= _search_records(run_dir) < len(want)
+        before = (run_dir / "evaluations.jsonl").read_bytes()
+        kept.append(before[: before.rfind(b"\n") + 1])  # a torn last line is dropped on resume
     proc = _search(config, run_dir, resume=True)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out.decode()
     assert _trace(run_dir) == want
+    final = (run_dir / "evaluations.jsonl").read_bytes()
+    assert all(final.startswith(prefix) for prefix in kept)  # no finished evaluation rewritten or lost
     assert (run_dir / "summary.json").is_file()

@@ -78,7 +78,8 @@ def test_settings_defaults_are_the_authors():
     assert (s.crossover_parents_rank, s.mutate_parents_rank) == (6, 0)
     assert (s.mutate_parents_select_type, s.mutate_parents_threshold) == ("absolute", 0.03)
     assert (s.mutate_prob, s.mutate_scale, s.norm_prob) == (0.25, 0.065, 0.1)
-    assert (s.weight_change_prob, s.transfer_change_prob, s.dev_top) == (0.25, 0.25, 20)
+    assert (s.weight_change_prob, s.transfer_change_prob) == (0.25, 0.25)
+    assert "dev_top" not in EEPSettings.model_fields  # one dev re-ranking size: final.dev_top
     assert (s.groups, s.router_mapping, s.top_k) == ("per_layer", "probs", None)
     for name, field in EEPSettings.model_fields.items():
         assert field.description, f"{name} has no description"

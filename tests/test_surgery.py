@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from eep.candidate import Candidate, CandidateError
 from eep.models.families import moe_layers
 from eep.models.surgery import Surgery
-from eep.models.testing import TINY_FAMILIES, tiny_model
+from eep.models.testing import TINY_FAMILIES, tiny_keep, tiny_model
 
 TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 SOFTMAX_FAMILIES = [f for f in TINY_FAMILIES if f != "deepseek_v3"]
@@ -40,34 +40,78 @@ def test_merged_weights_equal_loop_over_experts(family):
         for layer in moe_layers(model)
     ]
     surgery = Surgery(model)
-    cand = merged_candidate(surgery, keep=4, mapping="logits")
+    keep, num = tiny_keep(family), surgery.num_experts
+    cand = merged_candidate(surgery, keep=keep, mapping="logits")
     surgery.apply(cand)
     for layer, (gate_up, down, gate), m, r in zip(
         surgery.layers, originals, cand.expert_merge, cand.router_map, strict=True
     ):
-        assert layer.experts.gate_up_proj.shape[0] == 4  # really holds keep experts
-        assert layer.experts.down_proj.shape[0] == 4
-        for i in range(4):
-            want_gu = sum(m[i, j] * gate_up[j] for j in range(8))
-            want_down = sum(m[i, j] * down[j] for j in range(8))
+        assert layer.experts.gate_up_proj.shape[0] == keep  # really holds keep experts
+        assert layer.experts.down_proj.shape[0] == keep
+        for i in range(keep):
+            want_gu = sum(m[i, j] * gate_up[j] for j in range(num))
+            want_down = sum(m[i, j] * down[j] for j in range(num))
             torch.testing.assert_close(layer.experts.gate_up_proj[i], want_gu, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(layer.experts.down_proj[i], want_down, rtol=1e-5, atol=1e-6)
-            want_gate = sum(r[i, j] * gate[j] for j in range(8))
+            want_gate = sum(r[i, j] * gate[j] for j in range(num))
             torch.testing.assert_close(layer.gate.weight[i], want_gate, rtol=1e-5, atol=1e-6)
 
 
-def _naive_block(block_orig_weights, x, R, M, top_k, renormalize, shared=None):
-    """EEP's probability mapping, one token and one expert at a time."""
-    gate_up, down, gate = block_orig_weights
+# Top-k renormalisation per family, as transformers' routers do it (DeepSeek-V2 never does).
+RENORMALIZES = {
+    "mixtral": lambda c: True,
+    "qwen2_moe": lambda c: c.norm_topk_prob,
+    "qwen3_moe": lambda c: c.norm_topk_prob,
+    "olmoe": lambda c: c.norm_topk_prob,
+    "deepseek_v2": lambda c: False,
+    "deepseek_v3": lambda c: c.norm_topk_prob,
+}
+
+
+def _naive_slot_routing(family, config, gate, bias, x, R, mode, top_k):
+    """One token's (weights, slots), written out from the papers' and configs' definitions.
+
+    probs: p = softmax(G x) over all experts, s = R p (divided by its sum when the family does not
+    renormalise). logits: the stock router over the gate rows R G (and bias R b). Then the
+    family's selection on the k slots, in groups of consecutive slots for DeepSeek.
+    """
+    renormalize = RENORMALIZES[family](config)
+    sigmoid = family == "deepseek_v3"
+    if mode == "probs":
+        s = R @ torch.softmax((gate @ x).float(), dim=0)
+        if not renormalize:
+            s = s / s.sum()
+        choice = s
+    else:
+        logits = (R @ gate) @ x
+        s = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=0)
+        choice = s + R @ bias if bias is not None else s
+    method = "noaux_tc" if sigmoid else getattr(config, "topk_method", "greedy")
+    if method != "greedy":
+        groups = choice.reshape(config.n_group, -1)
+        if method == "noaux_tc":
+            group_score = groups.topk(2).values.sum(dim=1)
+        else:
+            group_score = groups.max(dim=1).values
+        best = set(group_score.topk(config.topk_group).indices.tolist())
+        per_group = groups.shape[1]
+        outside = torch.tensor([slot // per_group not in best for slot in range(choice.numel())])
+        choice = choice.masked_fill(outside, 0.0 if method == "group_limited_greedy" else float("-inf"))
+        if method == "group_limited_greedy":
+            s = choice
+    slots = torch.topk(choice, top_k).indices
+    w = s[slots]
+    if renormalize:
+        w = w / w.sum()
+    return w * getattr(config, "routed_scaling_factor", 1.0), slots
+
+
+def _naive_block(family, config, originals, x, R, M, top_k, mode="probs", shared=None):
+    """The merged block, one token and one slot at a time."""
+    gate_up, down, gate, bias = originals
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
-        p = torch.softmax((gate @ x[t]).float(), dim=0)
-        mapped = R @ p
-        if not renormalize:
-            mapped = mapped / mapped.sum()
-        w, idx = torch.topk(mapped, top_k)
-        if renormalize:
-            w = w / w.sum()
+        w, idx = _naive_slot_routing(family, config, gate, bias, x[t], R, mode, top_k)
         for weight, slot in zip(w.tolist(), idx.tolist(), strict=True):
             gu = sum(M[slot, j] * gate_up[j] for j in range(gate_up.shape[0]))
             dn = sum(M[slot, j] * down[j] for j in range(down.shape[0]))
@@ -78,23 +122,41 @@ def _naive_block(block_orig_weights, x, R, M, top_k, renormalize, shared=None):
     return out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
-def test_probability_mapping_matches_naive_block(family):
+def _shared_output(family, block):
+    if family == "qwen2_moe":
+        return lambda x: torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    if family.startswith("deepseek"):
+        return block.shared_experts
+    return None
+
+
+@pytest.mark.parametrize(
+    ("family", "mode"), [(f, "probs") for f in SOFTMAX_FAMILIES] + [(f, "logits") for f in TINY_FAMILIES]
+)
+def test_merged_block_matches_naive_block(family, mode):
+    """Mixed R and M against the definitions: DeepSeek-V2 with routed_scaling_factor 16 and
+    group-limited top-k, DeepSeek-V3 with 2.5, n_group 8 and a non-zero correction bias."""
     model = tiny_model(family)
     layer = moe_layers(model)[1]
-    weights = (layer.experts.gate_up_proj.detach().clone(), layer.experts.down_proj.detach().clone(), layer.gate.weight.detach().clone())
-    shared = None
-    if family == "qwen2_moe":
-        block = layer.block
-        shared = lambda x: torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)  # noqa: E731
+    bias = getattr(layer.gate, "e_score_correction_bias", None)
+    originals = (
+        layer.experts.gate_up_proj.detach().clone(),
+        layer.experts.down_proj.detach().clone(),
+        layer.gate.weight.detach().clone(),
+        None if bias is None else bias.detach().clone(),
+    )
     surgery = Surgery(model)
-    cand = merged_candidate(surgery, keep=4, mapping="probs", seed=3)
+    cand = merged_candidate(surgery, keep=tiny_keep(family), mapping=mode, seed=3)
     surgery.apply(cand)
     x = torch.randn(10, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = layer.block(x[None])[0]
-        want = _naive_block(weights, x, cand.router_map[1], cand.expert_merge[1], 2, surgery.renormalize, shared)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        want = _naive_block(
+            family, model.config, originals, x, cand.router_map[1], cand.expert_merge[1],
+            model.config.num_experts_per_tok, mode,
+            _shared_output(family, layer.block),
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def _capture_routing(model):
@@ -114,7 +176,10 @@ def test_pruning_equals_masking_dropped_router_logits(family, mapping, monkeypat
     4 values and one over 8 values with 4 at -inf sum in a different order (~3e-6 here).
     """
     kept = [[1, 3, 4, 6], [0, 2, 5, 7], [2, 3, 4, 5]]
-    reference = tiny_model(family)
+    # Group-limited top-k groups the pruned router's slots, not the original experts, so the
+    # equivalence holds for greedy top-k only (DeepSeek-V2 keeps its scaling factor 16 here).
+    overrides = {"topk_method": "greedy"} if family == "deepseek_v2" else {}
+    reference = tiny_model(family, **overrides)
     gates = {layer.gate.weight.data_ptr(): i for i, layer in enumerate(moe_layers(reference))}
     original_linear = F.linear
 
@@ -131,9 +196,10 @@ def test_pruning_equals_masking_dropped_router_logits(family, mapping, monkeypat
     want = logits(reference)
     monkeypatch.setattr(torch.nn.functional, "linear", original_linear)
 
-    model = tiny_model(family)
+    model = tiny_model(family, **overrides)
     surgery = Surgery(model)
-    cand = Candidate.from_kept(kept[: surgery.num_layers], 8).with_meta(router_mapping=mapping)
+    cand = Candidate.from_kept(kept[: surgery.num_layers], surgery.num_experts)
+    cand = cand.with_meta(router_mapping=mapping)
     surgery.apply(cand)
     got_routes = _capture_routing(model)
     got = logits(model)
@@ -149,13 +215,13 @@ def test_apply_b_after_a_equals_fresh_b_and_restore(family, mapping):
     model = tiny_model(family)
     original = logits(model)
     surgery = Surgery(model)
-    keep = 4
+    keep = tiny_keep(family)
     a = merged_candidate(surgery, keep=keep, mapping="logits", seed=1)
     b = merged_candidate(surgery, keep=keep, mapping=mapping, seed=2)
     if family == "deepseek_v3" and mapping == "probs":
         b = b.with_meta(router_mapping="logits")
     surgery.apply(a)
-    surgery.apply(Candidate.identity(surgery.num_layers, 8))  # another keep too
+    surgery.apply(Candidate.identity(surgery.num_layers, surgery.num_experts))  # another keep too
     surgery.apply(b)
     after_a = logits(model)
 
@@ -166,7 +232,7 @@ def test_apply_b_after_a_equals_fresh_b_and_restore(family, mapping):
 
     surgery.restore()
     assert torch.equal(logits(model), original)
-    assert moe_layers(model)[0].experts.gate_up_proj.shape[0] == 8
+    assert moe_layers(model)[0].experts.gate_up_proj.shape[0] == surgery.num_experts
 
 
 def test_identity_candidate_changes_nothing(family):
@@ -201,11 +267,16 @@ def test_errors_name_the_problem():
 
 
 def test_deepseek_grouped_routing_refuses_bad_keep():
-    model = tiny_model("deepseek_v3")  # n_group = 2
+    model = tiny_model("deepseek_v3")  # 32 experts, n_group = 8, groups scored by their top 2
     surgery = Surgery(model)
-    with pytest.raises(CandidateError, match="multiple of n_group"):
-        surgery.apply(Candidate.from_kept([[0, 1, 2]] * surgery.num_layers, 8))
-    cand = merged_candidate(surgery, keep=4, mapping="probs")
+    with pytest.raises(CandidateError, match="multiple of n_group=8, got keep=12"):
+        surgery.apply(Candidate.from_kept([list(range(12))] * surgery.num_layers, 32))
+    with pytest.raises(CandidateError, match="at least 2 experts to each of n_group=8"):
+        surgery.apply(Candidate.from_kept([list(range(8))] * surgery.num_layers, 32))
+    cand = merged_candidate(surgery, keep=16, mapping="probs")
     with pytest.raises(CandidateError, match="sigmoid"):
         surgery.apply(cand)
-    surgery.apply(Candidate.from_kept([[0, 1, 4, 5]] * surgery.num_layers, 8))
+    surgery.apply(Candidate.from_kept([list(range(0, 32, 2))] * surgery.num_layers, 32))
+    v2 = Surgery(tiny_model("deepseek_v2"))  # 16 experts, group_limited_greedy, n_group = 4
+    with pytest.raises(CandidateError, match="group_limited_greedy.*multiple of n_group=4"):
+        v2.apply(merged_candidate(v2, keep=6, mapping="probs"))

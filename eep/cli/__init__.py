@@ -55,12 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         # Our errors say what is wrong and where; a traceback adds nothing for a user.
         if args.verbose:
             raise
-        print(f"eep {args.command}: error: {exc}", file=sys.stderr)
+        print(f"eep {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _message(exc: BaseException) -> str:
+    """The error for a user: an OSError names its file (str(exc) of a bare errno does not)."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":

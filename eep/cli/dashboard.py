@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: a port is 0..65535 (0: any free one)")
     run_dirs = [Path(p) for p in args.run_dirs]
     roots: list[Path] = []
     for path in run_dirs:

@@ -7,7 +7,8 @@ import json
 
 from eep.candidate import Candidate
 from eep.fitness import DEFAULT_BATCH_SIZE, Evaluator
-from eep.oneshot.skipping import installed_skipping
+from eep.models.loading import parse_device
+from eep.models.skipping import installed_skipping
 
 NAME = "evaluate"
 HELP = "score a model, or a candidate applied to it, on a task split"
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the evaluator, score once, print the result."""
+    parse_device(args.device)
     candidate = Candidate.load(args.candidate) if args.candidate else None
     evaluator = Evaluator(
         args.model,

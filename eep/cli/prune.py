@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from eep.models.loading import parse_device
 from eep.oneshot import METHODS, oneshot_prune, parse_calibration, task_calibration
 from eep.oneshot.naee import DEFAULT_MAX_SUBSETS, ORDERS
 
@@ -45,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prune, save the candidate and print what was kept."""
+    # Everything that can be refused is refused before the pass over the calibration data.
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: is a folder; give the candidate's .safetensors file name")
+    parse_device(args.device)
     if args.threads:
         import torch
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from eep.config import load_config
+from eep.config import CampaignConfig, load_config
 
 NAME = "validate"
 HELP = "check a campaign YAML (and --set overrides) without running it"
@@ -17,9 +18,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print", action="store_true", help="print the resolved config")
 
 
+def check_campaign(config: CampaignConfig) -> None:
+    """What `eep search` checks before its first evaluation, short of loading weights."""
+    from eep.candidate import Candidate
+    from eep.models.families import model_shape
+    from eep.models.loading import load_config as load_model_config
+    from eep.oneshot import METHODS
+    from eep.search import build_strategy
+
+    shape = model_shape(load_model_config(config.model, config.trust_remote_code))
+    seeds = []
+    for entry in config.init_from:
+        if entry in METHODS:
+            # A stand-in of the right shape: the one-shot method itself needs the weights.
+            seeds.append(Candidate.random_pruning(
+                shape.num_moe_layers, shape.num_experts, min(config.keep, shape.num_experts), len(seeds),
+                top_k=config.top_k,
+            ))
+        elif not Path(entry).is_file():
+            raise ValueError(
+                f"init_from entry {entry!r} is neither a candidate file nor a one-shot method "
+                f"({', '.join(METHODS)})"
+            )
+        else:
+            seeds.append(Candidate.load(entry))
+    build_strategy(
+        config.strategy, shape.num_moe_layers, shape.num_experts, seed=config.seed,
+        model_id=config.model, init_from=seeds,
+    )
+    top_k = config.top_k or shape.top_k
+    if config.keep < top_k:
+        raise ValueError(f"keep={config.keep} is smaller than top_k={top_k}: a token cannot use more "
+                         "experts than a layer keeps")
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate and say so."""
     config = load_config(args.config, args.overrides)
+    check_campaign(config)
     if args.print:
         print(config.to_yaml(), end="")
     print(f"{args.config}: ok ({config.strategy.kind}, keep {config.keep}, task {config.task.name})")

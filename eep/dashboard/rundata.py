@@ -22,12 +22,14 @@ from typing import Any
 import yaml
 
 from eep.runlog import CANDIDATES_DIR, CONFIG_FILE, EVALUATIONS_FILE, SUMMARY_FILE
+from eep.summary import method_rows
 
 log = logging.getLogger(__name__)
 
 # The columns the page plots; one list per field, appended as records arrive.
 COLUMNS = ("id", "split", "phase", "score", "elapsed", "worker", "seconds", "failed")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+MAX_RECORDS = 5000  # records per /evaluations answer; `next` says where the next page starts
 _RATE_WINDOW = 50  # search records the recent rate (and so the ETA) is measured over
 
 
@@ -47,6 +49,20 @@ def _number(value: Any) -> float | None:
     if value.__class__ is float:
         return value if value - value == 0.0 else None  # NaN and inf give NaN
     return finite(value)
+
+
+def _safe_records(records: list[dict]) -> list[dict]:
+    """`json_safe` of each record; one nested too deeply to copy becomes a stub, not an error."""
+    try:
+        return json_safe(records)
+    except RecursionError:
+        out = []
+        for record in records:
+            try:
+                out.append(json_safe(record))
+            except RecursionError:
+                out.append({"id": str(record.get("id", "")), "damaged": "nested too deeply"})
+        return out
 
 
 def _dumps(data: Any) -> bytes:
@@ -138,7 +154,11 @@ class RunView:
                 chunk = f.read(stat.st_size - self._offset)
             end = chunk.rfind(b"\n") + 1  # a torn last line waits for its newline
             for record in self._parse(chunk[:end]):
-                self._add(record)
+                try:
+                    self._add(record)
+                except (RecursionError, TypeError, ValueError):
+                    # Fields are converted before anything is updated, so a bad record leaves no trace.
+                    self._skipped += 1
             self._offset += end
 
     def _parse(self, chunk: bytes) -> list[dict]:
@@ -146,14 +166,16 @@ class RunView:
         lines = [line for line in chunk.decode("utf-8", errors="replace").split("\n") if line.strip()]
         try:
             records = json.loads("[" + ",".join(lines) + "]")
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # RecursionError: e.g. a line of 100,000 '['
             records = []
             for line in lines:  # a damaged line: keep the others
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     self._skipped += 1
-        return [r for r in records if isinstance(r, dict)]
+        good = [r for r in records if isinstance(r, dict)]
+        self._skipped += len(records) - len(good)
+        return good
 
     def _add(self, record: dict) -> None:
         t = self._totals
@@ -214,12 +236,14 @@ class RunView:
     def records_since(self, since: int = 0, limit: int | None = None) -> dict:
         """Records from offset `since` (file order), as the campaign wrote them (NaN -> null)."""
         self.refresh()
+        since = max(0, since)
+        # Pages of at most MAX_RECORDS: one huge answer would hold the interpreter for seconds.
+        limit = MAX_RECORDS if limit is None else max(0, min(limit, MAX_RECORDS))
         with self._lock:
-            since = max(0, since)
-            stop = len(self._records) if limit is None else min(len(self._records), since + limit)
+            total = len(self._records)
+            stop = max(since, min(total, since + limit))
             records = self._records[since:stop]
-            return {"since": since, "next": stop, "total": len(self._records),
-                    "records": json_safe(records)}
+        return {"since": since, "next": stop, "total": total, "records": _safe_records(records)}
 
     def columns_since(self, since: int = 0) -> dict:
         """The plotted fields of the records from `since`, one list per field (compact)."""
@@ -286,12 +310,19 @@ class RunView:
         return min(known) if known else None
 
     def final_summary(self) -> dict | None:
-        """summary.json (written when the campaign ends), or None."""
+        """summary.json (written when the campaign ends) plus its method `rows`, or None.
+
+        `rows` (`eep.summary.method_rows`) is what the page and the report render: each method's
+        label and row kind in table order, labels derived for summaries that predate them.
+        """
         path = self.path / SUMMARY_FILE
         try:
-            return json.loads(path.read_text())
+            summary = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None  # absent, or being replaced right now
+        if not isinstance(summary, dict):
+            return None
+        return {**summary, "rows": method_rows(summary)}
 
     # ----------------------------------------------------------------------------- status
     def status(self) -> str:

@@ -95,6 +95,15 @@ class RunSet:
         return view
 
 
+def _overview(view: RunView) -> dict:
+    """A run's `/api/runs` entry; a run that cannot be read is listed as such, not a 500 for all."""
+    try:
+        return view.overview()
+    except Exception as exc:  # noqa: BLE001  (one damaged run must not hide the others)
+        log.warning("dashboard: cannot read %s (%s)", view.path, exc)
+        return {"name": view.name, "path": str(view.path), "status": "unreadable", "error": str(exc)[:200]}
+
+
 def _static_table() -> dict[str, Path]:
     """The page's own files by URL name; only these are ever served from disk."""
     return {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and not p.name.startswith(".")}
@@ -136,7 +145,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
             elif len(parts) == 2 and parts[0] == "static":
                 self._send_static(parts[1])
             elif parts == ["api", "runs"]:
-                self._send(200, [v.overview() for v in self.server.runs.views()])
+                self._send(200, [_overview(v) for v in self.server.runs.views()])
             elif len(parts) == 4 and parts[:2] == ["api", "runs"]:
                 self._run_route(parts[2], parts[3], query)
             else:
@@ -157,6 +166,10 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
                 limit = int(query["limit"][0]) if "limit" in query else None
             except ValueError:
                 self._send(400, {"error": "since and limit must be integers"})
+                return
+            if since < 0 or (limit is not None and limit < 0):
+                # A negative limit would hand the poller a `next` behind its cursor.
+                self._send(400, {"error": "since and limit must be >= 0"})
                 return
             if query.get("format", ["records"])[0] == "columns":
                 self._send_bytes(200, view.columns_json(since), "application/json", cache="no-store")

@@ -182,6 +182,16 @@ class RayPool:
         """Live actors by name (for inspection and fault-injection tests)."""
         return {name: w.handle for name, w in self._workers.items()}
 
+    @property
+    def deaths(self) -> int:
+        """Actor deaths counted against the restart budget (preemptions and failed starts are not)."""
+        return self._deaths
+
+    @property
+    def running(self) -> dict[str, Job]:
+        """The job each busy actor is evaluating now, by actor name."""
+        return {name: w.job for name, w in self._workers.items() if w.job is not None}
+
     def idle(self) -> int:
         """Ready actors without a job, less the jobs already queued for them."""
         free = sum(1 for w in self._workers.values() if w.ready and w.job is None)

@@ -18,7 +18,7 @@ import sys
 log = logging.getLogger(__name__)
 
 # Ray binds the machine's external interface unless told it is a "Windows/OSX" (single-machine)
-# cluster, and sends usage statistics unless told not to (platform-notes, Ray 2.60).
+# cluster, and sends usage statistics unless told not to (seen with Ray 2.60).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the job supervisor for the entrypoint only
 

@@ -62,7 +62,7 @@ def parse_dtype(dtype: str | torch.dtype | None, config: PretrainedConfig | None
 def default_experts_implementation(device: torch.device) -> str:
     """The fastest correct experts implementation for a device.
 
-    `batched_mm` copies every expert's weights per token (platform-notes: ~80x slower on the CPU,
+    `batched_mm` copies every expert's weights per token (measured: ~80x slower on the CPU,
     and what `generate()` silently switches `grouped_mm` to on the GPU), so we never use it:
     `eager` everywhere, which also keeps generation from switching.
     """
@@ -79,9 +79,38 @@ class LoadedModel:
     spec: str
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine; "auto" is CUDA when present, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is visible to this torch build; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here")
+    return parsed
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def load_config(spec: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The config of a MODEL argument, without loading weights."""
-    return AutoConfig.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+    """The config of a MODEL argument, without loading weights; errors name the model."""
+    path = resolve_model_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        # transformers' messages span lines and suggest hub look-ups for local folders.
+        raise ValueError(f"{spec}: cannot read the model config ({_first_line(exc)})") from None
 
 
 def load_model(
@@ -95,8 +124,8 @@ def load_model(
     import eep.models.mapped  # noqa: F401  (registers eep's router-mapped model classes)
 
     path = resolve_model_path(spec)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    device = torch.device(device)
+    device = parse_device(device)
+    config = load_config(spec, trust_remote_code=trust_remote_code)
     kwargs: dict = dict(
         dtype=parse_dtype(dtype, config),
         experts_implementation=default_experts_implementation(device),
@@ -104,7 +133,10 @@ def load_model(
     )
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:  # no weights, a damaged shard, a hub id that cannot be fetched
+        raise ValueError(f"{spec}: cannot load the model weights ({_first_line(exc)})") from None
     if device_map is None:
         model = model.to(device)
     model.eval()

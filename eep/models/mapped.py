@@ -7,8 +7,10 @@ classes with transformers' Auto classes, so after `import eep`
 `AutoModelForCausalLM.from_pretrained(dir)` loads such a checkpoint without `trust_remote_code`.
 
 The same classes carry NAEE dynamic skipping: a config with `eep_skip_thresholds` (one threshold
-per MoE layer) gets `eep.oneshot.skipping.DynamicSkipping` installed; with `num_router_experts` unset
-the routers stay the stock ones (a pruned checkpoint whose only addition is skipping).
+per MoE layer) gets `eep.models.skipping.DynamicSkipping` installed; with `num_router_experts`
+unset the routers stay the stock ones (a pruned checkpoint whose only addition is skipping).
+The mapped routers route by the family's `Routing` read from the same config (scaling factor,
+group-limited top-k on slots), exactly as the in-place surgery does.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from eep.models.families import FAMILIES, detect_family, moe_layers
 from eep.models.routing import ProbabilityMappedRouter
+from eep.models.skipping import CONFIG_FIELD as SKIP_CONFIG_FIELD
+from eep.models.skipping import DynamicSkipping
 
 MAPPED_PREFIX = "eep_"
-SKIP_CONFIG_FIELD = "eep_skip_thresholds"  # = eep.oneshot.skipping.CONFIG_FIELD
 
 
 def _mapped_model_init(base_init):
@@ -29,6 +32,7 @@ def _mapped_model_init(base_init):
         base_init(self, config)
         family = detect_family(config)
         if getattr(config, "num_router_experts", None):  # unset: stock routers (skipping only)
+            routing = family.routing(config)
             for layer in moe_layers(self):
                 gate = layer.gate
                 layer.block.gate = ProbabilityMappedRouter(
@@ -36,15 +40,12 @@ def _mapped_model_init(base_init):
                     num_router_experts=config.num_router_experts,
                     keep=layer.experts.num_experts,
                     top_k=gate.top_k,
-                    renormalize=family.renormalizes(config),
-                    cast_weights=family.cast_weights,
+                    routing=routing,
                     dtype=gate.weight.dtype,
                     device=gate.weight.device,
                 )
         thresholds = getattr(config, SKIP_CONFIG_FIELD, None)
         if thresholds:
-            from eep.oneshot.skipping import DynamicSkipping  # noqa: PLC0415  (no cycle at import)
-
             DynamicSkipping(self, thresholds)
 
     return __init__
@@ -78,11 +79,10 @@ def _register(model_type: str) -> tuple[type, type] | None:
     return config_cls, model_cls
 
 
-# Softmax-routed families only: the probability mapping is not defined for sigmoid routers.
+# Every family: a sigmoid-routed one (DeepSeek-V3) has no probability mapping (the router refuses
+# it), but its checkpoints can still carry dynamic skipping.
 MAPPED_CLASSES: dict[str, tuple[type, type]] = {}
 for _family in FAMILIES:
-    if _family.scoring != "softmax":
-        continue
     for _model_type in _family.model_types:
         _classes = _register(_model_type)
         if _classes is not None:

@@ -63,7 +63,7 @@ class Surgery:
         self.layers: list[MoELayer] = moe_layers(model)
         self.num_experts = get_num_experts(model.config, self.family)
         self.top_k = int(self.layers[0].gate.top_k)
-        self.renormalize = self.family.renormalizes(model.config)
+        self.routing = self.family.routing(model.config)
         self._config_top_k = model.config.num_experts_per_tok
         # Originals may live elsewhere (host memory) to leave room on the GPU; merging then
         # streams one layer's originals at a time.
@@ -89,19 +89,17 @@ class Surgery:
                     f"layers.{layer}: keep={keep} is smaller than the model's top_k={top_k}; "
                     "set the candidate's top_k (active experts) to at most keep"
                 )
-            if self.family.grouped_topk:
-                groups = _num_groups(self.layers[layer].gate)
-                if groups > 1 and (keep % groups or (self.family.scoring == "sigmoid" and keep // groups < 2)):
-                    raise CandidateError(
-                        f"layers.{layer}: keep={keep} does not fit {self.family.name}'s grouped "
-                        f"routing with n_group={groups}: keep must be a multiple of n_group"
-                        + (" with at least 2 experts per group" if self.family.scoring == "sigmoid" else "")
-                    )
-        if self._uses_mapped_router(candidate) and self.family.scoring != "softmax":
+            refusal = self.routing.keep_refusal(keep)
+            if refusal is not None:
+                raise CandidateError(
+                    f"layers.{layer}: {self.family.name}'s grouped routing "
+                    f"({self.routing.topk_method}): {refusal}"
+                )
+        refusal = self.routing.mapping_refusal()
+        if self._uses_mapped_router(candidate) and refusal is not None:
             raise CandidateError(
-                f"{self.family.name} scores experts with a {self.family.scoring}: the "
-                "probability router mapping is defined for softmax routers only; use "
-                "router_mapping='logits' or one-hot router rows"
+                f"{self.family.name}: {refusal}; use router_mapping='logits' or one-hot "
+                "router rows"
             )
 
     @torch.no_grad()
@@ -227,8 +225,7 @@ class Surgery:
                 num_router_experts=self.num_experts,
                 keep=work.keep,
                 top_k=self.top_k,
-                renormalize=self.renormalize,
-                cast_weights=self.family.cast_weights,
+                routing=self.routing,
                 dtype=orig.gate_weight.dtype,
                 device=work.gate_up.device,
             )
@@ -238,12 +235,6 @@ class Surgery:
             )
             work.mapped_router = router
         return work.mapped_router
-
-
-def _num_groups(gate: nn.Module) -> int:
-    if getattr(gate, "topk_method", "group_limited_greedy") == "greedy":
-        return 1
-    return int(getattr(gate, "num_group", None) or 1)
 
 
 def _combine(

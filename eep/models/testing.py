@@ -41,8 +41,32 @@ _COMMON = dict(
 )
 
 
-def tiny_config(family: str, num_experts: int = 8, num_layers: int = 3, **overrides) -> PretrainedConfig:
-    """A small config of `family` with `num_experts` routed experts per MoE layer."""
+# DeepSeek's grouped routing needs more experts: V2 groups 16 experts into 4 groups (2 kept at
+# keep 8), V3 scores each group by its top-2 experts, so 8 groups need 32 experts to prune to 16.
+TINY_EXPERTS: dict[str, int] = {"deepseek_v2": 16, "deepseek_v3": 32}
+
+
+def tiny_num_experts(family: str) -> int:
+    """The default number of routed experts of `family`'s tiny config."""
+    return TINY_EXPERTS.get(family, 8)
+
+
+def tiny_keep(family: str) -> int:
+    """Half the tiny config's experts: a keep that fits every family's grouped routing."""
+    return tiny_num_experts(family) // 2
+
+
+def tiny_config(
+    family: str, num_experts: int | None = None, num_layers: int = 3, **overrides
+) -> PretrainedConfig:
+    """A small config of `family` with `num_experts` routed experts per MoE layer.
+
+    Routing values are the real checkpoints' where they matter: DeepSeek-V2 routed_scaling_factor
+    16 with group-limited top-3 from 2 of 4 groups (DeepSeek-V2: factor 16, top-6 from 3 of 8
+    groups), DeepSeek-V3 2.5 with n_group 8, topk_group 4 and a non-zero score-correction bias
+    (set by `tiny_model`).
+    """
+    num_experts = num_experts or tiny_num_experts(family)
     common = dict(_COMMON, num_hidden_layers=num_layers)
     if family == "mixtral":
         cfg = MixtralConfig(**common, num_local_experts=num_experts)
@@ -61,13 +85,17 @@ def tiny_config(family: str, num_experts: int = 8, num_layers: int = 3, **overri
         cfg = DeepseekV2Config(
             **{**common, "num_key_value_heads": common["num_attention_heads"]}, n_routed_experts=num_experts, moe_intermediate_size=48, n_shared_experts=1,
             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=16, topk_method="greedy", n_group=1, topk_group=1,
+            qk_nope_head_dim=8, v_head_dim=16, topk_method="group_limited_greedy", n_group=4,
+            topk_group=2, routed_scaling_factor=16.0,
         )
+        # Top-3 from 2 of 4 groups: with top-k <= topk_group the groups could never matter.
+        cfg.num_experts_per_tok = 3
     elif family == "deepseek_v3":
         cfg = DeepseekV3Config(
             **{**common, "num_key_value_heads": common["num_attention_heads"]}, n_routed_experts=num_experts, moe_intermediate_size=48, n_shared_experts=1,
             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1, norm_topk_prob=True,
+            qk_nope_head_dim=8, v_head_dim=16, n_group=8, topk_group=4, norm_topk_prob=True,
+            routed_scaling_factor=2.5,
         )
     else:
         raise ValueError(f"no tiny config for {family!r}; known: {', '.join(TINY_FAMILIES)}")
@@ -90,3 +118,14 @@ def _spread_router_biases(model: torch.nn.Module) -> None:
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_(torch.linspace(-0.05, 0.05, buf.numel()))
+
+
+def save_tiny_model(path, family: str = "mixtral", seed: int = 0, **config_overrides) -> str:
+    """Save `tiny_model(family)` with the built-in character tokenizer as a model folder at `path`."""
+    from eep.builtin.tokenizer import build_tokenizer  # noqa: PLC0415  (tests only need it here)
+
+    tokenizer = build_tokenizer()
+    config_overrides.setdefault("vocab_size", len(tokenizer))
+    tiny_model(family, seed=seed, **config_overrides).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from eep.candidate import Candidate
-from eep.models.families import detect_family, get_num_experts, moe_layers
-from eep.models.loading import LoadedModel, load_model
+from eep.models.families import detect_family, get_num_experts, model_shape, moe_layers
+from eep.models.loading import LoadedModel, load_config, load_model
 from eep.models.surgery import Surgery
 from eep.oneshot.calibration import (
     Calibration,
@@ -82,6 +82,7 @@ def oneshot_prune(
         raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
     if calibration is None and (method != "random" or skip):
         raise ValueError(f"method {method!r}{' with skipping' if skip else ''} needs calibration data")
+    _check_arguments(model, keep, top_k, skip, skip_quantile, beam_width, max_subsets, trust_remote_code)
     start = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, trust_remote_code=trust_remote_code)
     net = loaded.model
@@ -104,7 +105,7 @@ def oneshot_prune(
     if top_k is not None:
         candidate = candidate.with_meta(top_k=top_k)
     if skip:
-        # The authors calibrate beta on the pruned model (naee.md 3.2): apply, measure, restore.
+        # The authors calibrate beta on the pruned model (Lu et al. 2024): apply, measure, restore.
         surgery = Surgery(net)
         surgery.apply(candidate)
         try:
@@ -122,6 +123,28 @@ def oneshot_prune(
         scores=scores,
         skip_thresholds=thresholds,
     )
+
+
+def _check_arguments(
+    model: str | LoadedModel, keep: int, top_k: int | None, skip: bool, skip_quantile: float,
+    beam_width: int, max_subsets: int, trust_remote_code: bool,
+) -> None:
+    """Refuse what the result would be refused for before the (long) pass over the data."""
+    for name, value in (("keep", keep), ("top_k", top_k), ("beam_width", beam_width), ("max_subsets", max_subsets)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if skip and not 0.0 <= skip_quantile <= 1.0:
+        raise ValueError(f"skip_quantile must be in 0..1, got {skip_quantile}")
+    config = model.model.config if isinstance(model, LoadedModel) else load_config(model, trust_remote_code)
+    shape = model_shape(config)
+    if keep > shape.num_experts:
+        raise ValueError(f"keep={keep} is more than the model's {shape.num_experts} experts per layer")
+    active = top_k if top_k is not None else shape.top_k
+    if keep < active:
+        raise ValueError(
+            f"keep={keep} is smaller than top_k={active}{'' if top_k else ' (the model routes each token to that many)'}: "
+            "a token cannot use more experts than a layer keeps; keep more or pass a smaller --top-k"
+        )
 
 
 def seed_candidates(

@@ -11,7 +11,7 @@ A `CalibrationSpec` says where the text comes from:
 
 The first two are task-agnostic (`builtin`) and task-specific (`task`) calibration; generic
 corpora (the NAEE authors use a C4 shard) come as `jsonl` or `hf`. Packed sources follow the
-authors' pipeline (naee.md 2.6): documents shuffled with `seed`, the first `samples` kept,
+authors' pipeline (Lu et al. 2024, their calibration code): documents shuffled with `seed`, the first `samples` kept,
 tokenized with the model's tokenizer, concatenated and cut into blocks of `max_length` tokens (the
 remainder dropped). Example sources keep one example per row (right-padded, with EOS, as the
 built-in model was trained), since a short example packed with others is not what the model sees.
@@ -109,7 +109,11 @@ def parse_calibration(text: str, **overrides: Any) -> CalibrationSpec:
             file = Path(text)
             if not file.is_file():
                 raise CalibrationError(f"{file}: calibration spec not found")
-            data = yaml.safe_load(file.read_text()) or {}
+            try:
+                data = yaml.safe_load(file.read_bytes().decode("utf-8")) or {}
+            except (UnicodeDecodeError, yaml.YAMLError) as exc:
+                reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "not valid YAML"
+                raise CalibrationError(f"{file}: {reason}") from None
             if not isinstance(data, dict):
                 raise CalibrationError(f"{file}: expected a mapping of calibration fields")
             return CalibrationSpec(**{**data, **overrides})
@@ -118,7 +122,7 @@ def parse_calibration(text: str, **overrides: Any) -> CalibrationSpec:
                 raise CalibrationError(f"{text}: calibration file not found")
             return CalibrationSpec(source="jsonl", path=text, **overrides)
     except ValidationError as exc:
-        raise CalibrationError(f"calibration {text!r}: {exc}") from exc
+        raise CalibrationError(_spec_error(exc, f"calibration {text!r}")) from None
     raise CalibrationError(
         f"calibration {text!r}: expected builtin, a .jsonl file, a .yaml spec or hf:PATH[:NAME]"
     )
@@ -129,7 +133,20 @@ def task_calibration(task: Any, split: str = "search", **overrides: Any) -> Cali
     if hasattr(task, "model_dump"):
         task = task.model_dump(mode="json")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return CalibrationSpec(source="task", task=task, split=split, **overrides)
+    try:
+        return CalibrationSpec(source="task", task=task, split=split, **overrides)
+    except ValidationError as exc:
+        raise CalibrationError(_spec_error(exc, "task calibration")) from None
+
+
+def _spec_error(exc: ValidationError, origin: str) -> str:
+    """`origin: field: message` per problem, without pydantic's URLs and input dumps."""
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        problems.append(f"{field}: {msg}")
+    return f"{origin}: " + "; ".join(problems)
 
 
 # ----------------------------------------------------------------------------------- text
@@ -187,16 +204,19 @@ def _jsonl_texts(spec: CalibrationSpec) -> list[str]:
     limit = spec.limit if spec.limit is not None else float("inf")
     rng = random.Random(spec.seed)
     reservoir: list[tuple[int, str]] = []
-    with path.open() as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            if len(reservoir) < limit:
-                reservoir.append((n, line))
-            else:
-                j = rng.randrange(n + 1)
-                if j < limit:
-                    reservoir[j] = (n, line)
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                if not line.strip():
+                    continue
+                if len(reservoir) < limit:
+                    reservoir.append((n, line))
+                else:
+                    j = rng.randrange(n + 1)
+                    if j < limit:
+                        reservoir[j] = (n, line)
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{path}: not UTF-8 text") from None
     texts = []
     for n, line in reservoir:
         try:
@@ -205,7 +225,7 @@ def _jsonl_texts(spec: CalibrationSpec) -> list[str]:
             raise CalibrationError(f"{path}:{n + 1}: not JSON ({exc})") from exc
         if not isinstance(record, dict) or spec.text_field not in record:
             raise CalibrationError(f"{path}:{n + 1}: no field {spec.text_field!r}")
-        texts.append(str(record[spec.text_field]))
+        texts.append(_text(record[spec.text_field], f"{path}:{n + 1}: field {spec.text_field!r}"))
     if not texts:
         raise CalibrationError(f"{path}: no records")
     return texts
@@ -216,7 +236,13 @@ def _hf_texts(spec: CalibrationSpec) -> list[str]:
 
     if spec.path is None:
         raise CalibrationError("calibration source 'hf' needs a dataset path")
-    data = datasets.load_dataset(spec.path, spec.name, split=spec.split or "train")
+    try:
+        data = datasets.load_dataset(spec.path, spec.name, split=spec.split or "train")
+    except Exception as exc:  # noqa: BLE001  (offline, unknown dataset, ...: datasets' own error types)
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise CalibrationError(
+            f"hf:{spec.path}: cannot load the dataset ({lines[0] if lines else type(exc).__name__})"
+        ) from None
     if spec.text_field not in data.column_names:
         raise CalibrationError(
             f"hf {spec.path}: no column {spec.text_field!r}; columns: {', '.join(data.column_names)}"
@@ -224,7 +250,14 @@ def _hf_texts(spec: CalibrationSpec) -> list[str]:
     data = data.shuffle(seed=spec.seed)
     if spec.limit is not None:
         data = data.select(range(min(spec.limit, len(data))))
-    return [str(t) for t in data[spec.text_field]]
+    return [_text(t, f"hf:{spec.path} row {i}: column {spec.text_field!r}") for i, t in enumerate(data[spec.text_field])]
+
+
+def _text(value: Any, where: str) -> str:
+    """A calibration text; null, non-text or blank values are errors (never the string 'None')."""
+    if not isinstance(value, str) or not value.strip():
+        raise CalibrationError(f"{where} is {value!r}; expected non-empty text")
+    return value
 
 
 # ----------------------------------------------------------------------------------- tokens

@@ -24,6 +24,7 @@ from torch import nn
 
 from eep.candidate import Candidate
 from eep.models.families import detect_family, get_num_experts, moe_layers
+from eep.models.routing import expert_scores
 from eep.oneshot.calibration import Calibration, LayerCall, expert_output, stream_layer_calls
 
 CRITERIA: tuple[str, ...] = ("frequency", "soft_activation", "reap")
@@ -91,6 +92,7 @@ def frequency_counts(model: nn.Module, calibration: Calibration) -> torch.Tensor
 def criteria_scores(model: nn.Module, calibration: Calibration) -> CriteriaScores:
     """Frequency, soft-activation and REAP scores of every expert, from one calibration pass."""
     family = detect_family(model.config)
+    routing = family.routing(model.config)
     layers = moe_layers(model)
     num_experts = get_num_experts(model.config, family)
     shape = (len(layers), num_experts)
@@ -103,7 +105,7 @@ def criteria_scores(model: nn.Module, calibration: Calibration) -> CriteriaScore
     def on_call(call: LayerCall) -> None:
         i = call.layer
         logits = call.logits.float()
-        probs = torch.sigmoid(logits) if family.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        probs = expert_scores(logits, routing)
         prob_sums[i] += probs.sum(dim=0).double()
         tokens[i] += logits.shape[0]
         _count_choices(counts, call, num_experts)

@@ -1,6 +1,6 @@
 """NAEE expert pruning: per MoE layer, keep the experts whose block output best reconstructs the full one.
 
-Objective, as the authors coded it (naee.md 2.3): for a dropped set D of a layer,
+Objective, as the authors coded it: for a dropped set D of a layer,
 
     L(D) = sum over calibration batches b of || Z_b - Z^_b(D) ||_F      (not squared)
 
@@ -9,7 +9,7 @@ layer with D pruned (softmax over the kept experts' logits, top-k, the family's 
 Enumeration goes over dropped tuples in `itertools.combinations` order and the first minimum wins
 (the authors' `min` over an insertion-ordered dict); kept = sorted complement.
 
-How it is computed (naee.md 2.11): a token's expert outputs f_e(x) do not depend on the subset, so
+How it is computed: a token's expert outputs f_e(x) do not depend on the subset, so
 every expert runs once per token (through the experts module's own code) and the token is reduced
 to its Gram matrix G = F F^T [E, E] (F = [f_1(x) .. f_E(x)]) plus, for the target z, |z|^2 and
 F z [E]. A subset S routes the token to idx_S with weights w_S (k of them), so its squared error
@@ -24,7 +24,7 @@ experts nobody uses tie exactly and the first one wins. The reference rounds Z a
 bfloat16; this runs the experts in the model's dtype and sums in float64, so near-ties can rank
 differently from the reference.
 
-Orders (naee.md 2.5):
+Orders:
 - `layerwise` (the authors' default): every layer from passes of the unpruned model, independently.
 - `progressive`: layer l is chosen on inputs produced by the model with layers < l already pruned,
   against the unpruned model's outputs. Per batch, one forward of the unpruned model up to layer l
@@ -56,6 +56,7 @@ from torch import nn
 
 from eep.candidate import Candidate
 from eep.models.families import MoEFamily, MoELayer, detect_family, get_num_experts, moe_layers
+from eep.models.routing import route
 from eep.oneshot.calibration import (
     Calibration,
     LayerCall,
@@ -79,39 +80,33 @@ class NAEEError(ValueError):
 
 
 class SubsetRouter:
-    """A softmax router restricted to subsets of its experts, computed from its E-wide logits.
+    """A router restricted to subsets of its experts, computed from its E-wide logits.
 
-    Pruning a softmax router (slicing its gate rows) gives: softmax over the kept experts' logits,
-    top-k, then the family's renormalisation (or none), a `routed_scaling_factor` if the router has
-    one, and the family's cast of the weights to the logits' dtype.
+    Pruning a router to a kept set (its gate rows sliced, ascending) makes it route over the kept
+    experts' logits exactly as before over all of them: `eep.models.routing.route` on those
+    columns (softmax over the kept logits, top-k, group-limited on the pruned model's slots for
+    DeepSeek-V2, the family's renormalisation, scaling factor and weight cast).
     """
 
     def __init__(self, layer: MoELayer, family: MoEFamily, config) -> None:
-        if family.scoring != "softmax":
+        self.routing = family.routing(config)
+        if self.routing.scoring != "softmax":
             raise NAEEError(
-                f"{family.name} scores experts with a {family.scoring}: NAEE's subset routing is "
-                "implemented for softmax routers"
+                f"{family.name} scores experts with a {self.routing.scoring}: NAEE's subset "
+                "routing is implemented for softmax routers"
             )
         self.top_k = int(layer.gate.top_k)
-        self.renormalize = family.renormalizes(config)
-        self.cast = family.cast_weights
-        self.scale = float(getattr(layer.gate, "routed_scaling_factor", 1.0) or 1.0)
 
     def route(self, logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k index and weights for every kept-set row of `keep` [C, E]: [C, N, k] each."""
-        masked = logits.float().unsqueeze(0).masked_fill(~keep[:, None, :], float("-inf"))  # [C, N, E]
-        top_logits, index = torch.topk(masked, self.top_k, dim=-1)  # [C, N, k]
-        if self.renormalize:
-            # Renormalised top-k weights are a softmax over the top-k logits alone (the kept set's
-            # softmax denominator cancels), so subsets with the same top-k give identical weights.
-            weights = torch.softmax(top_logits, dim=-1)
-        else:
-            weights = torch.exp(top_logits - torch.logsumexp(masked, dim=-1, keepdim=True))
-        if self.scale != 1.0:
-            weights = weights * self.scale
-        if self.cast:
-            weights = weights.to(logits.dtype).float()
-        return index, weights
+        """Top-k experts and float32 weights for every kept-set row of `keep` [C, E]: [C, N, k] each.
+
+        Every row keeps the same number of experts (one search step scores subsets of one size).
+        """
+        kept = keep.nonzero()[:, 1].reshape(keep.shape[0], -1)  # [C, keep], ascending
+        columns = logits[:, kept].permute(1, 0, 2)  # [C, N, keep]: the pruned routers' logits
+        weights, slots = route(columns, self.routing, self.top_k)
+        index = kept.unsqueeze(1).expand(-1, logits.shape[0], -1).gather(-1, slots)
+        return index, weights.float()
 
     def check(self, call: LayerCall) -> None:
         """Raise NAEEError unless routing with every expert kept reproduces the model's router."""
@@ -314,6 +309,19 @@ def naee_prune(
         raise NAEEError(f"keep={keep} must be in top_k={top_k}..num_experts={num_experts}")
     routers = [SubsetRouter(layer, family, model.config) for layer in layers]
     searches = [_LayerSearch(num_experts, keep, max_subsets, beam_width) for _ in layers]
+    routing = routers[0].routing
+    if routing.grouped:
+        # A beam search scores subsets of every size from E - 1 down to keep, most of which
+        # cannot be split into n_group equal groups.
+        refusal = routing.keep_refusal(keep)
+        if refusal is None and searches[0].method == "beam":
+            refusal = f"C({num_experts}, {keep}) > max_subsets={max_subsets} needs a beam search"
+        if refusal is not None:
+            raise NAEEError(
+                f"{family.name}'s grouped routing ({routing.topk_method}, n_group="
+                f"{routing.n_group}): {refusal}; NAEE scores only whole enumerations of keep "
+                "experts there"
+            )
     device = model.get_input_embeddings().weight.device
     chunk = max(1, memory_budget // (num_experts * layers[0].experts.gate_up_proj.shape[-1] * 12))
     runner = _Runner(model, calibration, routers, searches, num_experts, chunk, memory_budget, device)

@@ -1,21 +1,26 @@
-"""Search strategies under one ask/tell protocol: EEP, random pruning, coordinate descent."""
+"""Search strategies under one ask/tell protocol: EEP, random pruning, coordinate descent.
+
+Each strategy module registers itself (`eep.search.registry`); importing this package imports the
+built-in ones, so their kinds are known to configs and `build_strategy`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from eep.candidate import Candidate
+from eep.search import registry
 from eep.search.base import BaseStrategy, Strategy
 from eep.search.coordinate_descent import CoordinateDescent
 from eep.search.eep import EEPStrategy
 from eep.search.groups import GroupError, GroupSpec, LayerGroups
 from eep.search.random_search import RandomSearch
+from eep.search.registry import Finalists, StrategyEntry, StrategySettings, register
 from eep.search.settings import (
     CoordinateDescentSettings,
     EEPSettings,
     RandomSearchSettings,
     SearchSettings,
-    StrategySettings,
 )
 from eep.search.state import Evaluated
 
@@ -26,6 +31,7 @@ __all__ = [
     "EEPSettings",
     "EEPStrategy",
     "Evaluated",
+    "Finalists",
     "GroupError",
     "GroupSpec",
     "LayerGroups",
@@ -33,34 +39,25 @@ __all__ = [
     "RandomSearchSettings",
     "SearchSettings",
     "Strategy",
+    "StrategyEntry",
     "StrategySettings",
     "build_strategy",
+    "register",
+    "registry",
 ]
 
 
 def build_strategy(
-    settings: EEPSettings | RandomSearchSettings | CoordinateDescentSettings,
+    settings: SearchSettings,
     num_layers: int,
     num_experts: int,
     seed: int = 0,
     model_id: str = "",
     init_from: Sequence[Candidate] = (),
 ) -> BaseStrategy:
-    """The strategy its settings describe; `init_from` seeds EEP, or is coordinate descent's start.
+    """The strategy its settings' `kind` registers; `init_from` seeds it (each kind says how).
 
-    Coordinate descent takes at most one start candidate; random search takes none.
+    EEP takes any number of seeds, coordinate descent at most one start, random search none.
     """
-    if isinstance(settings, EEPSettings):
-        return EEPStrategy(settings, num_layers, num_experts, seed, model_id, init_from=init_from)
-    if isinstance(settings, CoordinateDescentSettings):
-        if len(init_from) > 1:
-            raise ValueError(f"coordinate descent starts from one candidate, got {len(init_from)}")
-        start = init_from[0] if init_from else None
-        return CoordinateDescent(
-            settings, num_layers, num_experts, seed, model_id, start_from=start
-        )
-    if isinstance(settings, RandomSearchSettings):
-        if init_from:
-            raise ValueError("random search draws its own candidates; init_from is not used")
-        return RandomSearch(settings, num_layers, num_experts, seed, model_id)
-    raise TypeError(f"unknown strategy settings {type(settings).__name__}")
+    entry = registry.entry_for(settings)
+    return entry.factory(settings, num_layers, num_experts, seed, model_id, tuple(init_from))

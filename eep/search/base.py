@@ -134,6 +134,11 @@ class BaseStrategy:
         return len(self._state.archive)
 
     @property
+    def phase(self) -> str:
+        """The phase of the next candidate, for progress displays ("" if the strategy has none)."""
+        return ""
+
+    @property
     def archive(self) -> list[Evaluated]:
         """Every told result in the order it was told (read it, do not change it)."""
         return self._state.archive

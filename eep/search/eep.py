@@ -1,4 +1,4 @@
-"""EEP's evolutionary search (Liu et al. 2024; reference/eep.md 2.3-2.6), as an ask/tell strategy.
+"""EEP's evolutionary search (Liu et al. 2024, and the authors' released code), as an ask/tell strategy.
 
 Steady state over an unbounded archive of every told result. Each child: draw per-group change
 flags, breed (crossover in the merging phase, else a copy of a mutation parent), then a discrete
@@ -18,6 +18,7 @@ import torch
 
 from eep.candidate import Candidate
 from eep.search.base import BaseStrategy
+from eep.search.registry import Finalists, StrategyEntry, register
 from eep.search.settings import EEPSettings
 from eep.search.state import Evaluated
 
@@ -380,3 +381,31 @@ def _check_discrete(genome: Sequence[torch.Tensor], groups: int, parent: str) ->
                 f"pruning-phase parent {parent!r} is not pure pruning in group {g}; was "
                 "discrete_iter lowered on resume?"
             )
+
+
+def _build(
+    settings: EEPSettings,
+    num_layers: int,
+    num_experts: int,
+    seed: int,
+    model_id: str,
+    init_from: Sequence[Candidate],
+) -> EEPStrategy:
+    return EEPStrategy(settings, num_layers, num_experts, seed, model_id, init_from=init_from)
+
+
+register(
+    StrategyEntry(
+        kind="eep",
+        settings=EEPSettings,
+        factory=_build,
+        # The pruning phase's dev winner ("prune-only") also competes for the final choice.
+        finalists=(
+            Finalists(
+                "eep_prune_only", "EEP prune-only", EEPStrategy.prune_only_best, ("init", "prune")
+            ),
+            Finalists("eep", "EEP prune+merge"),
+        ),
+        expected_evaluations=lambda settings: settings.total_iter + 1,
+    )
+)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from eep.candidate import Candidate
 from eep.search.base import BaseStrategy
+from eep.search.registry import Finalists, StrategyEntry, register
 from eep.search.settings import RandomSearchSettings
 
 
@@ -33,3 +36,28 @@ class RandomSearch(BaseStrategy):
     def _propose(self) -> Candidate:
         merge = [self._one_hot(self._random_subset()) for _ in range(self.groups.num_groups)]
         return self._candidate(merge, [m.clone() for m in merge], "prune", operator="random")
+
+
+def _build(
+    settings: RandomSearchSettings,
+    num_layers: int,
+    num_experts: int,
+    seed: int,
+    model_id: str,
+    init_from: Sequence[Candidate],
+) -> RandomSearch:
+    if init_from:
+        raise ValueError("random search draws its own candidates; init_from is not used")
+    return RandomSearch(settings, num_layers, num_experts, seed, model_id)
+
+
+register(
+    StrategyEntry(
+        kind="random",
+        settings=RandomSearchSettings,
+        factory=_build,
+        # "random" is the summary's key for the random-pruning baselines, hence random_search.
+        finalists=(Finalists("random_search", "random search"),),
+        expected_evaluations=lambda settings: settings.budget,
+    )
+)

@@ -54,7 +54,7 @@ class SearchSettings(BaseModel):
 
 
 class EEPSettings(SearchSettings):
-    """EEP's evolutionary search (reference/eep.md 2.1), with the authors' defaults."""
+    """EEP's evolutionary search (Liu et al. 2024), with the authors' defaults."""
 
     kind: Literal["eep"] = Field(default="eep", description="strategy name in configs")
     init_population: int = Field(
@@ -116,10 +116,6 @@ class EEPSettings(SearchSettings):
     transfer_change_prob: Probability = Field(
         default=0.25, description="per-group probability that a router-mapping matrix is changed"
     )
-    dev_top: int = Field(
-        default=20, ge=1, description="top candidates the campaign re-scores on dev (dev_num)"
-    )
-
     @model_validator(mode="after")
     def _check_flags(self) -> EEPSettings:
         if self.weight_change_prob == 0 and self.transfer_change_prob == 0:
@@ -156,9 +152,3 @@ class CoordinateDescentSettings(SearchSettings):
     max_sweeps: int | None = Field(
         default=None, ge=1, description="stop after this many sweeps; None: until no improvement"
     )
-
-
-StrategySettings = Annotated[
-    Union[EEPSettings, RandomSearchSettings, CoordinateDescentSettings],  # noqa: UP007
-    Field(discriminator="kind"),
-]

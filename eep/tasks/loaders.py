@@ -22,13 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eep.tasks import synthetic
 from eep.tasks.example import Example
-from eep.tasks.scorers import LETTER_RULES
-from eep.tasks.spec import SPLIT_NAMES, TaskError, TaskSpec, label_key
+from eep.tasks.spec import TaskError, TaskSpec, label_key
+from eep.tasks.vocab import LETTER_RULES, PREPROCESSOR_FIELDS, SPLIT_NAMES
 
 # --------------------------------------------------------------------------- preprocess steps
 # Record-level rewrites that a str.format template cannot express. Each reads some of our fields
-# and returns new/replaced ones; the spec validator checks `needs` against `fields`.
+# and returns new/replaced ones; what each reads and writes is declared in
+# `eep.tasks.vocab.PREPROCESSOR_FIELDS`, which the spec validator checks against `fields`.
 
 
 @dataclass(frozen=True)
@@ -116,22 +118,20 @@ def _winogrande_blank(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_STEP_FUNCTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "wsc_mark_spans": _wsc_mark_spans,
+    "record_cloze": _record_cloze,
+    "gsm8k_final_answer": _gsm8k_final_answer,
+    "hellaswag": _hellaswag,
+    "winogrande_blank": _winogrande_blank,
+}
+if set(_STEP_FUNCTIONS) != set(PREPROCESSOR_FIELDS):  # one list of steps, checked at import
+    raise RuntimeError(
+        f"eep.tasks.loaders implements steps {sorted(_STEP_FUNCTIONS)}, "
+        f"eep.tasks.vocab declares {sorted(PREPROCESSOR_FIELDS)}"
+    )
 PREPROCESSORS: dict[str, Preprocessor] = {
-    "wsc_mark_spans": Preprocessor(
-        ("text", "span1_index", "span2_index", "span1_text", "span2_text"),
-        ("text",),
-        _wsc_mark_spans,
-    ),
-    "record_cloze": Preprocessor(("passage", "query"), ("passage", "query"), _record_cloze),
-    "gsm8k_final_answer": Preprocessor(("answer",), ("answer", "solution"), _gsm8k_final_answer),
-    "hellaswag": Preprocessor(
-        ("activity_label", "ctx_a", "ctx_b", "endings"), ("query", "endings"), _hellaswag
-    ),
-    "winogrande_blank": Preprocessor(
-        ("sentence", "option1", "option2"),
-        ("context", "option1_filled", "option2_filled"),
-        _winogrande_blank,
-    ),
+    name: Preprocessor(*PREPROCESSOR_FIELDS[name], fn) for name, fn in _STEP_FUNCTIONS.items()
 }
 
 
@@ -428,8 +428,6 @@ def load_examples(spec: TaskSpec, split: str) -> list[Example]:
 
 
 def _load_builtin(spec: TaskSpec, split: str) -> list[Example]:
-    from eep.tasks import synthetic
-
     name, size = spec.source.name, spec.splits.size(split)
     if size == 0:
         raise TaskError(f"task {spec.name!r}: split {split!r} is empty (splits.{split} is 0)")

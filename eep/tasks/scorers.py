@@ -7,7 +7,7 @@ Three families, never mixed in one table:
   (lm-evaluation-harness' definition), `label_prob` the softmax of the log-likelihoods at the label.
 - `generate`: greedy generation scored SQuAD-style, `exact_match` and token `f1`, each the max
   over the gold answers, and `char_similarity` (difflib's ratio of the normalised strings).
-- `eep-compat`: the EEP authors' generation rules (reference/eep.md 3.2), reproduced with their
+- `eep-compat`: the EEP authors' generation rules (their OpenCompass postprocessors), reproduced with their
   quirks so our numbers can be put next to theirs: an option letter read from the output
   (`first_capital`, `first_option`), inclusion matching for ReCoRD/DROP (`em_inclusion`) and
   SQuAD 2.0 (`squad_inclusion`), and GSM8K's `last_number`.
@@ -17,7 +17,7 @@ where `acc` and `exact_match` stay flat. They are offered as search metrics (`se
 task spec) for landscapes where most candidates score 0; tables report the primary metric.
 
 Everything here is a pure function of strings and numbers; `make_scorer` only reads a task spec's
-attributes, so this module does not import `eep.tasks.spec`.
+attributes. The names (metrics, rules) live in `eep.tasks.vocab`, which the spec validates against.
 """
 
 from __future__ import annotations
@@ -32,31 +32,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from eep.tasks.example import Example
+from eep.tasks.vocab import (  # noqa: F401  (METRICS, LETTER_RULES... are read from here too)
+    COMPAT_RULES,
+    DEFAULT_PRIMARY,
+    LETTER_RULES,
+    METRICS,
+    SEARCH_SPLITS,
+)
 
 if TYPE_CHECKING:
     from eep.tasks.spec import TaskSpec
-
-METRICS: dict[str, tuple[str, ...]] = {
-    "multiple_choice": ("acc", "acc_norm", "label_prob"),
-    "generate": ("exact_match", "f1", "char_similarity"),
-    "eep-compat": ("acc",),
-}
-DEFAULT_PRIMARY: dict[str, str] = {
-    "multiple_choice": "acc",
-    "generate": "exact_match",
-    "eep-compat": "acc",
-}
-# Splits a search selects on; every other split (test, calibration) reports the primary metric.
-SEARCH_SPLITS: frozenset[str] = frozenset({"search", "dev"})
-COMPAT_RULES: tuple[str, ...] = (
-    "first_capital",
-    "first_option",
-    "squad_inclusion",
-    "em_inclusion",
-    "last_number",
-)
-# Rules that read an option letter from the output; the others compare against answer strings.
-LETTER_RULES: frozenset[str] = frozenset({"first_capital", "first_option"})
 
 
 # --------------------------------------------------------------------------- multiple choice

@@ -38,16 +38,18 @@ from pydantic import (
     model_validator,
 )
 
-from eep.tasks.scorers import COMPAT_RULES, LETTER_RULES, METRICS
+from eep.tasks import synthetic
+from eep.tasks.vocab import (  # noqa: F401  (SPLIT_NAMES is read from here too)
+    LETTER_RULES,
+    METRICS,
+    PREPROCESSOR_FIELDS,
+    SPLIT_NAMES,
+    CompatRule,
+    ScorerName,
+    SplitName,
+)
 
-SPLIT_NAMES: tuple[str, ...] = ("search", "dev", "test")
 DEFAULT_MAX_NEW_TOKENS = 32  # generation budget when a generate/eep-compat spec names none
-SplitName = Literal["search", "dev", "test"]
-ScorerName = Literal["multiple_choice", "generate", "eep-compat"]
-CompatRule = Literal[
-    "first_capital", "first_option", "squad_inclusion", "em_inclusion", "last_number"
-]
-assert set(COMPAT_RULES) == set(CompatRule.__args__)  # one list of rules, checked at import
 
 
 class TaskError(ValueError):
@@ -213,8 +215,6 @@ class TaskSpec(_Frozen):
         source = data.get("source")
         kind = source.get("kind") if isinstance(source, dict) else getattr(source, "kind", None)
         if kind == "builtin":
-            from eep.tasks import synthetic
-
             task = source.get("name") if isinstance(source, dict) else source.name
             if task not in synthetic.SYNTHETIC_TASKS:
                 raise ValueError(
@@ -239,13 +239,11 @@ class TaskSpec(_Frozen):
     @field_validator("preprocess")
     @classmethod
     def _known_steps(cls, value):
-        from eep.tasks.loaders import PREPROCESSORS
-
-        unknown = [s for s in value if s not in PREPROCESSORS]
+        unknown = [s for s in value if s not in PREPROCESSOR_FIELDS]
         if unknown:
             raise ValueError(
                 f"unknown preprocess step(s) {', '.join(map(repr, unknown))}; "
-                f"the steps are: {', '.join(PREPROCESSORS)}"
+                f"the steps are: {', '.join(PREPROCESSOR_FIELDS)}"
             )
         return value
 
@@ -282,8 +280,6 @@ class TaskSpec(_Frozen):
         for key in ("fields", "preprocess", "options", "label", "label_map", "answers"):
             if getattr(self, key):
                 raise ValueError(f"`{key}` does not apply to a builtin source")
-        from eep.tasks import synthetic
-
         kind = synthetic.task_kind(self.source.name)
         if self.scorer != kind:
             raise ValueError(
@@ -295,11 +291,9 @@ class TaskSpec(_Frozen):
             _check_placeholders("few_shot_target", self.few_shot_target, {"answer"})
 
     def _check_fields(self) -> None:
-        from eep.tasks.loaders import PREPROCESSORS
-
         known = set(self.fields)
         for step in self.preprocess:
-            needs, adds = PREPROCESSORS[step].needs, PREPROCESSORS[step].adds
+            needs, adds = PREPROCESSOR_FIELDS[step]
             missing = [f for f in needs if f not in known]
             if missing:
                 raise ValueError(

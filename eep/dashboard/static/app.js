@@ -11,10 +11,6 @@ const COLOR = {
 const RUN_COLORS = ["#6d28d9", "#2f6fde", "#e8890c", "#12946b", "#d1306b", "#0e9aa7", "#7a5c2e", "#475467"];
 const PHASES = ["init", "prune", "merge", "other"];
 const PHASE_LABEL = { init: "initial population", prune: "pruning", merge: "merging", other: "other" };
-const METHOD_LABEL = {
-  full: "full model", random: "random pruning (mean)", random_search: "random search",
-  coordinate_descent: "coordinate descent", eep_prune_only: "EEP prune-only", eep: "EEP prune+merge",
-};
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -227,7 +223,7 @@ function renderKpis(s) {
   const failed = s.counts.failed;
   $("kpi-rate-sub").textContent = `${s.workers.length} worker${s.workers.length === 1 ? "" : "s"} · ${failed} failed`;
   const ref = references(s);
-  const test = s.final?.methods?.eep?.test ?? ref.chosenTest;
+  const test = chosenRow(s)?.test ?? ref.chosenTest;
   $("kpi-heldout").textContent = test != null ? `test ${fmt(test)}` : "—";
   const bits = [];
   if (ref.bestDev != null) bits.push(`dev ${fmt(ref.bestDev)}`);
@@ -250,10 +246,11 @@ function references(s) {
     }
   }
   if (baselines.length) out.random = baselines.reduce((a, b) => a + b, 0) / baselines.length;
-  const methods = s?.final?.methods;
-  if (methods?.full?.test != null) out.full = methods.full.test;
-  if (methods?.random?.test != null) out.random = methods.random.test;
-  const chosen = methods?.eep?.id;
+  for (const row of s?.final?.rows ?? []) {
+    if (row.row === "reference" && row.test != null) out.full = row.test;
+    if (row.row === "baseline" && row.test != null) out.random = row.test;
+  }
+  const chosen = chosenRow(s)?.id;
   const hit = out.test.find((r) => r.id === chosen);
   if (hit) out.chosenTest = hit.score;
   return out;
@@ -422,18 +419,20 @@ function renderWorkers(s) {
     ? "utilisation: share of the run's wall time spent evaluating" : "no evaluation yet";
 }
 
+// The summary's method rows (labels and row kinds come from summary.json via the server).
+function chosenRow(s) {
+  return (s?.final?.rows ?? []).find((r) => r.chosen);
+}
+
 function renderFinal(s) {
   const card = $("final-card");
-  const methods = s?.final?.methods;
-  card.hidden = !methods;
-  if (!methods) return;
-  const order = ["full", "random", "random_search", "coordinate_descent", "eep_prune_only", "eep"];
-  const keys = [...order.filter((k) => k in methods), ...Object.keys(methods).filter((k) => !order.includes(k))];
-  $("final").tBodies[0].replaceChildren(...keys.map((key) => {
-    const m = methods[key];
+  const rows = s?.final?.rows;
+  card.hidden = !rows;
+  if (!rows) return;
+  $("final").tBodies[0].replaceChildren(...rows.map((m) => {
     const tr = document.createElement("tr");
-    if (key === "eep") tr.className = "highlight";
-    tr.append(cell(METHOD_LABEL[key] ?? key), cell(fmt(m.test)), cell(fmt(m.dev)), cell(fmt(m.search)),
+    if (m.chosen) tr.className = "highlight";
+    tr.append(cell(m.label), cell(fmt(m.test)), cell(fmt(m.dev)), cell(fmt(m.search)),
       cell(String(m.evaluations ?? "—")), cell(m.id ?? "", "mono"));
     return tr;
   }));
