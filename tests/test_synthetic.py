@@ -154,10 +154,18 @@ def test_shipped_tiny_moe_solves_every_task_with_the_generators_in_this_tree() -
     assert min(accuracy.values()) >= 0.95, accuracy
 
 
-def test_tied_steps_train_every_layers_experts_as_one(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_tied_steps_train_every_layers_experts_as_one(
+    tmp_path: Path, monkeypatch, arch: str
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from eep.builtin import train_tiny
+
+    # mixtral: the shipped shape; qwen3_moe: a small fine-grained one (16 experts, top-4).
+    shape = train_tiny.ModelShape() if arch == "mixtral" else train_tiny.ModelShape(
+        arch=arch, layers=2, hidden=32, intermediate=8, experts=16, top_k=4, heads=2
+    )
 
     monkeypatch.setattr(train_tiny, "TRAIN_POOL", 64)
     monkeypatch.setattr(train_tiny, "TRAIN_POOL_SMALL", {})
@@ -169,7 +177,11 @@ def test_tied_steps_train_every_layers_experts_as_one(tmp_path: Path, monkeypatc
         assert len(fused) == 2 * model.config.num_hidden_layers
         return [bool((p == p[:1]).all()) for p in fused]
 
-    train_tiny.train(tmp_path / "tied", steps=3, batch_size=8, eval_every=0, tied_steps=3)
+    train_tiny.train(
+        tmp_path / "tied", steps=3, batch_size=8, eval_every=0, tied_steps=3, shape=shape
+    )
     assert all(experts_equal(tmp_path / "tied"))
-    train_tiny.train(tmp_path / "apart", steps=3, batch_size=8, eval_every=0, tied_steps=1)
+    train_tiny.train(
+        tmp_path / "apart", steps=3, batch_size=8, eval_every=0, tied_steps=1, shape=shape
+    )
     assert not any(experts_equal(tmp_path / "apart"))

@@ -9,6 +9,16 @@ apart. Its experts overlap in function, so pruning half of them costs points ins
 accuracy, and merging two of them mixes related weights (docs/benchmarks.md, "The built-in tiny
 model": the earlier recipe without tying left experts so specialised that a random 4-of-8
 pruning kept 0.27 of 0.98 mean accuracy).
+
+The shape and architecture are options (stock Mixtral, Qwen3-MoE or OLMoE classes); training.json
+records them ("arch", "shape") with the rest of the recipe. The other built-in models:
+
+    python -m eep.builtin.train_tiny --arch mixtral --layers 16 --hidden 128 --intermediate 128 \
+        --experts 8 --top-k 2 --heads 4 --steps 4000 --tied-steps 1500 --seed 1 \
+        --out eep/builtin/deep-moe
+    python -m eep.builtin.train_tiny --arch qwen3_moe --layers 8 --hidden 128 --intermediate 32 \
+        --experts 64 --top-k 8 --heads 4 --steps 4000 --tied-steps 1500 --seed 1 \
+        --experts-impl grouped_mm --out eep/builtin/fine-moe
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Literal
 
 # OpenMP threads that spin while waiting made a training step ~15x slower when other processes
 # share the 2 cores (84 s vs 5.7 s for 10 steps, measured); sleeping waiters cost little when the
@@ -27,12 +38,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GenerationConfig,
     MixtralConfig,
-    MixtralForCausalLM,
+    OlmoeConfig,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
 )
 
 from eep.builtin.tokenizer import build_tokenizer  # noqa: E402
@@ -64,17 +79,43 @@ REWEIGHT_EXAMPLES = 200
 WEIGHT_FLOOR = 0.1
 
 
-def model_config(tokenizer: PreTrainedTokenizerFast) -> MixtralConfig:
-    """The tiny Mixtral: 4 layers, hidden 128, 8 experts of intermediate 256, top-2."""
-    return MixtralConfig(
+ARCHS = ("mixtral", "qwen3_moe", "olmoe")
+
+
+class ModelShape(BaseModel):
+    """Architecture and size of a built-in model; the defaults are the shipped tiny-moe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Literal["mixtral", "qwen3_moe", "olmoe"] = "mixtral"
+    layers: int = Field(4, ge=1)
+    hidden: int = Field(128, ge=8)
+    intermediate: int = Field(256, ge=1, description="width of one expert's FFN")
+    experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelShape:
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k {self.top_k} > experts {self.experts}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not a multiple of heads {self.heads}")
+        return self
+
+
+def model_config(
+    tokenizer: PreTrainedTokenizerFast, shape: ModelShape | None = None
+) -> PretrainedConfig:
+    """The stock config of `shape.arch` for `shape` (default: tiny Mixtral, 4 layers, 8x256, top-2)."""
+    shape = shape or ModelShape()
+    common = dict(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_local_experts=8,
-        num_experts_per_tok=2,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        num_experts_per_tok=shape.top_k,
         max_position_embeddings=64,
         tie_word_embeddings=True,
         # Mixtral's default theta (1e6) barely rotates most channels within 30 positions; the
@@ -84,6 +125,26 @@ def model_config(tokenizer: PreTrainedTokenizerFast) -> MixtralConfig:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+    if shape.arch == "mixtral":
+        return MixtralConfig(
+            intermediate_size=shape.intermediate, num_local_experts=shape.experts, **common
+        )
+    if shape.arch == "qwen3_moe":
+        # Every layer sparse, no dense MLP layers, top-k weights renormalised, as in Qwen3-MoE.
+        # Qwen3's head_dim defaults to 128 regardless of hidden size; tie it to hidden/heads.
+        return Qwen3MoeConfig(
+            intermediate_size=shape.intermediate,  # dense MLP width: unused with no dense layers
+            moe_intermediate_size=shape.intermediate,
+            num_experts=shape.experts,
+            head_dim=shape.hidden // shape.heads,
+            norm_topk_prob=True,
+            mlp_only_layers=[],
+            decoder_sparse_step=1,
+            **common,
+        )
+    return OlmoeConfig(
+        intermediate_size=shape.intermediate, num_experts=shape.experts, **common
     )
 
 
@@ -115,7 +176,7 @@ def collate(
 
 @torch.no_grad()
 def continuation_scores(
-    model: MixtralForCausalLM,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
     pairs: list[tuple[str, str]],
     batch_size: int = 256,
@@ -142,7 +203,7 @@ def continuation_scores(
 
 
 def accuracy(
-    model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, examples: list[Example]
 ) -> float:
     """Exact match (teacher-forced argmax) for generation; highest-likelihood option for MC."""
     if not examples:
@@ -161,7 +222,7 @@ def accuracy(
 
 
 def evaluate_tasks(
-    model: MixtralForCausalLM,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
     split: str,
     n: int = EVAL_EXAMPLES,
@@ -195,13 +256,18 @@ def train(
     eval_every: int = 500,
     threads: int = 1,
     tied_steps: int = 2000,
+    shape: ModelShape | None = None,
+    experts_implementation: str = "eager",
 ) -> dict:
     """Train, save to `out` in bfloat16, reload as saved and report per-task test accuracy.
 
     `tied_steps` > 0 upcycles: for that many steps every layer's experts are kept equal (their
     mean after each update), i.e. one dense FFN; then they train apart. Experts that share an
     origin overlap in function and merge meaningfully, as Mixtral's are believed to.
+    `experts_implementation` is used for training only; the test accuracy is measured with
+    eager experts, as eep loads models.
     """
+    shape = shape or ModelShape()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -217,8 +283,8 @@ def train(
     weights = [TASK_WEIGHTS[name] for name in names]
     probe = {name: make_examples(name, "train", REWEIGHT_EXAMPLES, seed=seed) for name in names}
 
-    model = MixtralForCausalLM(model_config(tokenizer))
-    model.set_experts_implementation("eager")
+    model = AutoModelForCausalLM.from_config(model_config(tokenizer, shape))
+    model.set_experts_implementation(experts_implementation)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "gate.weight" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "gate.weight" in n]
@@ -303,6 +369,9 @@ def train(
         "warmup_steps": warmup,
         "threads": threads,
         "tied_steps": tied_steps,
+        "arch": shape.arch,
+        "shape": shape.model_dump(exclude={"arch"}),
+        "experts_implementation": experts_implementation,
         "torch": torch.__version__,
         "train_seconds": round(train_seconds, 1),
         "parameters": sum(p.numel() for p in saved.parameters()),
@@ -336,7 +405,27 @@ def main(argv: list[str] | None = None) -> None:
         "--tied-steps", type=int, default=2000,
         help="first N steps with every layer's experts kept equal (upcycling from one dense FFN)",
     )
+    parser.add_argument("--arch", choices=ARCHS, default="mixtral")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--intermediate", type=int, default=256, help="one expert's FFN width")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument(
+        "--experts-impl", default="eager", choices=("eager", "grouped_mm", "batched_mm"),
+        help="expert kernels for training only (the saved model is the stock class either way)",
+    )
     args = parser.parse_args(argv)
+    shape = ModelShape(
+        arch=args.arch,
+        layers=args.layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        experts=args.experts,
+        top_k=args.top_k,
+        heads=args.heads,
+    )
     train(
         args.out,
         args.steps,
@@ -346,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         eval_every=args.eval_every,
         threads=args.threads,
         tied_steps=args.tied_steps,
+        shape=shape,
+        experts_implementation=args.experts_impl,
     )
 
 
