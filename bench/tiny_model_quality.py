@@ -17,6 +17,7 @@ import torch
 
 from eep.builtin.train_tiny import evaluate_tasks
 from eep.candidate import Candidate
+from eep.models.families import detect_family, get_num_experts
 from eep.models.loading import load_model
 from eep.models.surgery import Surgery
 from eep.routing_stats import routing_histograms
@@ -42,7 +43,8 @@ def main() -> None:
     loaded = load_model(str(args.model), "cpu", "float32")
     model, tokenizer = loaded.model, loaded.tokenizer
     surgery = Surgery(model)
-    layers, experts = model.config.num_hidden_layers, model.config.num_local_experts
+    layers = surgery.num_layers
+    experts = get_num_experts(model.config, detect_family(model.config))
 
     start = time.time()
     full = evaluate_tasks(model, tokenizer, "test", n=args.n)

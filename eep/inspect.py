@@ -69,6 +69,7 @@ class ModelReport:
     sizes: list[SizeAtKeep] = field(default_factory=list)
     evaluator: list[EvaluatorMemory] = field(default_factory=list)
     activation_bytes: int = 0
+    builtin: dict | None = None  # a built-in model's purpose and training record
 
     @property
     def params_per_expert(self) -> int:
@@ -123,7 +124,40 @@ class ModelReport:
             )
         usable = ", ".join(f"{size}: {b / GIB:.0f} GiB" for size, b in GPU_USABLE_BYTES.items())
         lines.append(f"  (usable memory per GPU taken as {usable})")
+        if self.builtin:
+            lines += _format_builtin(self.builtin)
         return "\n".join(lines)
+
+
+def builtin_info(spec: str) -> dict | None:
+    """Purpose and training record of a `builtin:NAME` model (None for any other MODEL)."""
+    from eep.builtin import MODELS  # noqa: PLC0415  (only built-in specs need it)
+
+    model = MODELS.get(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else None
+    if model is None:
+        return None
+    return {"name": model.name, "purpose": model.purpose, "training": model.training_record()}
+
+
+def _format_builtin(info: dict) -> list[str]:
+    record = info["training"]
+    lines = [f"built-in model builtin:{info['name']}: {info['purpose']}"]
+    if not record:
+        return lines + ["  (no training.json)"]
+    shape = record.get("shape", {})
+    recipe = ", ".join(f"{k} {v}" for k, v in shape.items()) if shape else "the default shape"
+    lines.append(
+        f"  trained {record['steps']} steps ({record.get('tied_steps', 0)} tied), seed "
+        f"{record['seed']}, {record['threads']} thread(s), {record['train_seconds']:.0f} s; {recipe}"
+    )
+    accuracy = record.get("test_accuracy", {})
+    if accuracy:
+        tasks = " ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+        lines.append(
+            f"  test accuracy ({record.get('test_examples_per_task', '?')} per task): mean "
+            f"{record.get('test_accuracy_mean', sum(accuracy.values()) / len(accuracy)):.3f}; {tasks}"
+        )
+    return lines
 
 
 def describe_model(
@@ -187,6 +221,7 @@ def describe_model(
         sizes=sizes,
         evaluator=evaluator,
         activation_bytes=activation,
+        builtin=builtin_info(model),
     )
 
 

@@ -131,3 +131,24 @@ def test_routing_histograms_count_top_k_choices_per_task(capsys):
     assert "layer 3" in text and "sort" in text and "total-variation" not in text  # one task: no distance
     assert main(["inspect", "builtin:tiny-moe", "--routing", "no-such-task"]) == 2
     assert "no-such-task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-moe"])
+def test_inspect_a_builtin_shows_its_purpose_and_training_record(name, capsys):
+    from eep.builtin import MODELS
+
+    record = MODELS[name].training_record()
+    assert main(["inspect", f"builtin:{name}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["builtin"]["purpose"] == MODELS[name].purpose
+    assert report["builtin"]["training"] == record
+    assert main(["inspect", f"builtin:{name}"]) == 0
+    text = capsys.readouterr().out
+    assert f"built-in model builtin:{name}" in text
+    assert f"trained {record['steps']} steps" in text and f"mean {record['test_accuracy_mean']:.3f}" in text
+
+
+def test_inspect_a_folder_has_no_builtin_section(tmp_path, capsys):
+    tiny_config("mixtral").save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["builtin"] is None

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from eep.builtin import MODELS as BUILTIN_MODELS_INFO
 from eep.builtin.tokenizer import build_tokenizer
 from eep.tasks.synthetic import (
     SPLITS,
@@ -138,20 +138,23 @@ def test_shipped_tiny_moe_loads_and_is_small() -> None:
     assert text == ex.answers[0]
 
 
-def test_shipped_tiny_moe_solves_every_task_with_the_generators_in_this_tree() -> None:
+@pytest.mark.parametrize("name", list(BUILTIN_MODELS_INFO))
+def test_shipped_model_solves_every_task_with_the_generators_in_this_tree(name: str) -> None:
     """Guards the pair (task formats, shipped weights): a format change needs a retrained model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eep.builtin.train_tiny import evaluate_tasks
 
-    model = AutoModelForCausalLM.from_pretrained(TINY_MOE, dtype=torch.float32)
+    builtin = BUILTIN_MODELS_INFO[name]
+    record = builtin.training_record()
+    model = AutoModelForCausalLM.from_pretrained(builtin.path, dtype=torch.float32)
     model.set_experts_implementation("eager")
-    accuracy = evaluate_tasks(model, AutoTokenizer.from_pretrained(TINY_MOE), "test", n=200)
-    recorded = json.loads((TINY_MOE / "training.json").read_text())["test_accuracy"]
-    # The same 200 examples training.json reports on: equal up to float noise in a near-tie.
-    assert accuracy == pytest.approx(recorded, abs=0.011)
-    assert min(accuracy.values()) >= 0.95, accuracy
+    n = record["test_examples_per_task"]
+    accuracy = evaluate_tasks(model, AutoTokenizer.from_pretrained(builtin.path), "test", n=n)
+    # The same examples training.json reports on: equal up to float noise in a near-tie.
+    assert accuracy == pytest.approx(record["test_accuracy"], abs=0.011)
+    assert min(accuracy.values()) >= builtin.min_accuracy, accuracy
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
@@ -185,3 +188,12 @@ def test_tied_steps_train_every_layers_experts_as_one(
         tmp_path / "apart", steps=3, batch_size=8, eval_every=0, tied_steps=1, shape=shape
     )
     assert not any(experts_equal(tmp_path / "apart"))
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_MODELS_INFO))
+def test_shipped_model_fits_in_the_package(name: str) -> None:
+    """Each built-in model's folder stays within 20 MB (it ships inside the wheel)."""
+    folder = BUILTIN_MODELS_INFO[name].path
+    assert (folder / "config.json").is_file() and (folder / "training.json").is_file()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 20 * 1000 * 1000, f"builtin:{name} is {size / 1e6:.1f} MB"

@@ -1,1 +1,46 @@
-"""Built-in assets: the character tokenizer and the tiny MoE trained on the synthetic tasks."""
+"""Built-in assets: the character tokenizer and the MoE models trained on the synthetic tasks.
+
+`MODELS` names every built-in model (`builtin:NAME`), its folder and what it is for; each
+folder's `training.json` holds its recipe (architecture, shape, steps, seed, threads) and the
+test accuracy it reached, which the test suite checks the shipped weights still reach.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """One built-in model: its `builtin:` name, folder and purpose."""
+
+    name: str
+    purpose: str
+    min_accuracy: float  # every task's test accuracy is at least this (checked by the tests)
+
+    @property
+    def path(self) -> Path:
+        """The model folder inside the package."""
+        return BUILTIN_DIR / self.name
+
+    def training_record(self) -> dict:
+        """The folder's training.json (recipe, shape, train time, test accuracy); {} if absent."""
+        path = self.path / "training.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            "tiny-moe",
+            "the demo and fast tests: 4-layer Mixtral, 8 experts, top-2; every method ties on it "
+            "(401 random draws find a near-optimal pruning)",
+            0.95,
+        ),
+    )
+}

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from eep.builtin import MODELS
+
 log = logging.getLogger(__name__)
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
-BUILTIN_MODELS = {"tiny-moe": BUILTIN_DIR / "tiny-moe"}
+BUILTIN_MODELS = {name: model.path for name, model in MODELS.items()}
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -33,7 +34,7 @@ def resolve_model_path(spec: str) -> str:
         path = BUILTIN_MODELS[name]
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{spec}: weights missing under {path} (train them with "
-                                    "`python -m eep.builtin.train_tiny`)")
+                                    "`python -m eep.builtin.train_tiny`; each model's recipe is in its docstring)")
         return str(path)
     path = Path(spec).expanduser()
     if path.exists():
