@@ -417,15 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         help="expert kernels for training only (the saved model is the stock class either way)",
     )
     args = parser.parse_args(argv)
-    shape = ModelShape(
-        arch=args.arch,
-        layers=args.layers,
-        hidden=args.hidden,
-        intermediate=args.intermediate,
-        experts=args.experts,
-        top_k=args.top_k,
-        heads=args.heads,
-    )
+    shape = ModelShape(**{name: getattr(args, name) for name in ModelShape.model_fields})
     train(
         args.out,
         args.steps,
