@@ -309,6 +309,7 @@ class Campaign:
                 report = export_model(
                     cfg.model, finale.chosen, self.runlog.path / "model",
                     trust_remote_code=cfg.trust_remote_code,
+                    campaign=cfg, summary=summary,  # recipe and model card: config, test table
                 )
                 result.export_dir = report.out_dir
                 summary["export_dir"] = str(report.out_dir)

@@ -4,6 +4,10 @@ The checkpoint is computed by the same `Surgery` the search evaluates with, so i
 in-place model's. Pure pruning and `logits`-mode candidates give a stock checkpoint that vanilla
 `AutoModelForCausalLM.from_pretrained` loads; `probs`-mode candidates with mixed router rows give
 an `eep_<family>` checkpoint that loads after `import eep` (see `eep.models.mapped`).
+
+Every export also writes `eep_recipe.yaml` (`eep.recipe`: base model, candidate hash, export
+settings, the campaign and its test table when there is one) and a model card `README.md`
+(`eep.model_card`) rendered from it; `export_from_recipe` rebuilds the same bytes.
 """
 
 from __future__ import annotations
@@ -12,15 +16,20 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
+from eep import __version__ as EEP_VERSION
 from eep.candidate import Candidate, CandidateError
+from eep.model_card import CARD_FILE, ExportFacts, render_card
 from eep.models.families import get_num_experts, moe_layers
 from eep.models.loading import load_model
 from eep.models.mapped import MAPPED_PREFIX, SKIP_CONFIG_FIELD, mapped_config_class
 from eep.models.skipping import skip_thresholds_of
 from eep.models.surgery import Surgery
+from eep.recipe import RECIPE_FILE, ExportSettings, Recipe, RecipeError, results_from_summary
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "eep_candidate.safetensors"
@@ -53,9 +62,58 @@ def export_model(
     dtype: str = "auto",
     max_shard_size: str = "5GB",
     trust_remote_code: bool = False,
+    campaign: Any = None,
+    summary: dict | None = None,
 ) -> ExportReport:
-    """Apply `candidate` to `model` (MODEL argument) and save the result to `out_dir`."""
-    out_dir = Path(out_dir)
+    """Apply `candidate` to `model` (MODEL argument) and save the result to `out_dir`.
+
+    `campaign` (a `CampaignConfig`) and its `summary` go into the recipe and the model card
+    (resolved config, task, test table) when the export ends a campaign.
+    """
+    results = None
+    campaign_dict = None
+    if campaign is not None:
+        campaign_dict = yaml.safe_load(campaign.to_yaml())
+        if summary is not None:
+            results = results_from_summary(summary, campaign.task)
+    recipe = Recipe(
+        eep_version=EEP_VERSION,
+        base_model=model,
+        candidate=CANDIDATE_FILE,
+        candidate_hash=candidate.content_hash(),
+        export=ExportSettings(
+            dtype=dtype, max_shard_size=max_shard_size, trust_remote_code=trust_remote_code
+        ),
+        campaign=campaign_dict,
+        results=results,
+    )
+    return _export(recipe, candidate, Path(out_dir))
+
+
+def export_from_recipe(recipe_file: str | Path, out_dir: str | Path) -> ExportReport:
+    """Rebuild an export from its `eep_recipe.yaml` and the candidate file beside it."""
+    recipe_file, out_dir = Path(recipe_file), Path(out_dir)
+    recipe = Recipe.from_yaml(recipe_file)
+    if recipe.eep_version != EEP_VERSION:
+        log.warning(
+            "%s was written by eep %s, this is eep %s: the files may differ",
+            recipe_file, recipe.eep_version, EEP_VERSION,
+        )
+    if out_dir.resolve() == recipe_file.parent.resolve():
+        raise RecipeError(f"--out {out_dir} is the recipe's own folder: give another folder")
+    candidate = Candidate.load(recipe_file.parent / recipe.candidate)
+    if candidate.content_hash() != recipe.candidate_hash:
+        raise RecipeError(
+            f"{recipe_file}: candidate_hash {recipe.candidate_hash} does not match "
+            f"{recipe.candidate} (hash {candidate.content_hash()})"
+        )
+    return _export(recipe, candidate, out_dir)
+
+
+def _export(recipe: Recipe, candidate: Candidate, out_dir: Path) -> ExportReport:
+    settings = recipe.export
+    model, dtype = recipe.base_model, settings.dtype
+    max_shard_size, trust_remote_code = settings.max_shard_size, settings.trust_remote_code
     if len(set(candidate.keep_per_layer)) != 1:
         raise CandidateError(
             f"layers keep different expert counts {candidate.keep_per_layer}: a Hugging Face "
@@ -63,6 +121,7 @@ def export_model(
         )
     loaded = load_model(model, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code)
     net = loaded.model
+    family = net.config.model_type
     surgery = Surgery(net)
     num_experts = get_num_experts(net.config, surgery.family)
     # Merge layer by layer and drop each layer's originals at once: the model is never held twice.
@@ -84,6 +143,7 @@ def export_model(
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out_dir)
     candidate.save(out_dir / CANDIDATE_FILE)
+    (out_dir / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
     report = ExportReport(
         out_dir=out_dir,
         stock=stock,
@@ -92,6 +152,15 @@ def export_model(
         top_k=int(net.config.num_experts_per_tok),
         parameters=sum(p.numel() for p in net.parameters()),
     )
+    facts = ExportFacts(
+        family=family,
+        num_experts=num_experts,
+        keep=report.keep,
+        top_k=report.top_k,
+        stock=stock,
+        parameters=report.parameters,
+    )
+    (out_dir / CARD_FILE).write_text(render_card(recipe, candidate, facts), encoding="utf-8")
     log.info("exported %s experts of %s per layer to %s", report.keep, num_experts, out_dir)
     return report
 

@@ -166,7 +166,11 @@ class Evaluator:
         self.device = self.model.get_input_embeddings().weight.device
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = _pad_id(self.tokenizer, self.eos_ids)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in forward_params
+        # Recent transformers 5 releases name the KV cache `cache` (argument and output field)
+        # and log a deprecation for `past_key_values`; older 5.x releases know only that name.
+        self._cache_name = "cache" if "cache" in forward_params else "past_key_values"
         self.last_outputs: list = []
         self._batches = self._plan(self._tokenize(), batch_size)
 
@@ -287,7 +291,7 @@ class Evaluator:
             use_cache=True,
             **({"logits_to_keep": 1} if self._keeps_logits else {}),
         )
-        cache = out.past_key_values
+        cache = out[self._cache_name]
         logits = out.logits[:, -1]
         mask = batch.attention_mask
         next_position = batch.position_ids[:, -1:] + 1  # [active, 1]
@@ -322,8 +326,8 @@ class Evaluator:
                 input_ids=next_tokens[:, None],
                 attention_mask=mask,
                 position_ids=next_position,
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_name: cache},
             )
             logits = out.logits[:, -1]
             next_position = next_position + 1

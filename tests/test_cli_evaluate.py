@@ -116,5 +116,5 @@ def test_missing_candidate_file_exits_2(model_dir, tmp_path, capsys):
 
 
 def test_tasks_lists_every_task(capsys):
-    assert main(["tasks"]) == 0
+    assert main(["tasks", "--names"]) == 0
     assert capsys.readouterr().out.splitlines() == available_tasks()

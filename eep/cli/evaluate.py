@@ -1,4 +1,7 @@
-"""`eep evaluate`: score a model (optionally with a candidate applied) on one task split."""
+"""`eep evaluate`: score a model (optionally with a candidate applied) on one task split.
+
+With `--harness TASK[,TASK...]` the scoring is lm-evaluation-harness' instead (`eep.harness`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from eep.fitness import DEFAULT_BATCH_SIZE, Evaluator
 from eep.models.loading import parse_device
 from eep.models.skipping import installed_skipping
 
+HARNESS_BATCH_SIZE = 8  # lm-eval requests per forward (its HF wrapper's unit)
 NAME = "evaluate"
 HELP = "score a model, or a candidate applied to it, on a task split"
 
@@ -20,32 +24,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--candidate", help="candidate .safetensors file (default: the unpruned model)"
     )
+    parser.add_argument("--task", help="a task name (`eep tasks`) or a task .yaml file")
     parser.add_argument(
-        "--task", required=True, help="a task name (`eep tasks`) or a task .yaml file"
+        "--harness",
+        metavar="TASK[,TASK...]",
+        help="score with lm-evaluation-harness tasks instead of --task (extra `harness`)",
     )
+    parser.add_argument(
+        "--include-path", help="with --harness: a folder of extra lm-eval task YAMLs"
+    )
+    parser.add_argument("--num-fewshot", type=int, help="with --harness: lm-eval's few-shot count")
     parser.add_argument("--split", default="search", choices=("search", "dev", "test"))
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--dtype", default="auto", help="auto (as stored), float32, bfloat16, float16"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per forward"
+        "--batch-size", type=int, help=f"rows per forward (default {DEFAULT_BATCH_SIZE}; "
+        f"--harness: {HARNESS_BATCH_SIZE})"
     )
-    parser.add_argument("--limit", type=int, help="score only the split's first N examples")
+    parser.add_argument(
+        "--limit", type=int, help="score only the split's (--harness: each task's) first N examples"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the evaluator, score once, print the result."""
     parse_device(args.device)
+    if (args.task is None) == (args.harness is None):
+        raise ValueError("give --task (eep's scoring) or --harness (lm-evaluation-harness), one")
+    if args.harness is None and (args.include_path or args.num_fewshot is not None):
+        raise ValueError("--include-path and --num-fewshot go with --harness")
     candidate = Candidate.load(args.candidate) if args.candidate else None
+    if args.harness is not None:
+        return _run_harness(args, candidate)
     evaluator = Evaluator(
         args.model,
         args.task,
         split=args.split,
         device=args.device,
         dtype=args.dtype,
-        batch_size=args.batch_size,
+        batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
         max_examples=args.limit,
     )
     result = evaluator.evaluate(candidate)
@@ -75,4 +95,26 @@ def run(args: argparse.Namespace) -> int:
     )
     if skipped is not None:
         print(f"  dynamic skipping: {100 * skipped:.1f}% of expert calls skipped")
+    return 0
+
+
+def _run_harness(args: argparse.Namespace, candidate: Candidate | None) -> int:
+    """lm-eval on the model with the candidate applied in memory; its table or its JSON."""
+    from eep.harness import parse_tasks, results_json, results_table, run_harness  # noqa: PLC0415
+
+    results = run_harness(
+        args.model,
+        parse_tasks(args.harness),
+        candidate=candidate,
+        limit=args.limit,
+        batch_size=HARNESS_BATCH_SIZE if args.batch_size is None else args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+    )
+    if args.json:
+        print(results_json(results, model=args.model, candidate=args.candidate))
+    else:
+        print(results_table(results))
     return 0
