@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, MixtralConfig
 
+from eep.builtin import MODELS as BUILTIN_MODELS
 from eep.cli import main
 from eep.inspect import GIB, describe_model
 from eep.models.families import moe_layers
@@ -133,7 +134,7 @@ def test_routing_histograms_count_top_k_choices_per_task(capsys):
     assert "no-such-task" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["tiny-moe"])
+@pytest.mark.parametrize("name", list(BUILTIN_MODELS))
 def test_inspect_a_builtin_shows_its_purpose_and_training_record(name, capsys):
     from eep.builtin import MODELS
 

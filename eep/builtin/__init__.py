@@ -42,5 +42,12 @@ MODELS: dict[str, BuiltinModel] = {
             "(401 random draws find a near-optimal pruning)",
             0.95,
         ),
+        BuiltinModel(
+            "fine-moe",
+            "the 64-expert code paths on a model that learned something: fine-grained Qwen3-MoE, "
+            "8 layers, 64 experts of width 32, top-8 (NAEE's beam search, EEP with E = 64 at keep "
+            "32 and 16, the Ray pool with a larger model)",
+            0.90,
+        ),
     )
 }
