@@ -43,6 +43,12 @@ MODELS: dict[str, BuiltinModel] = {
             0.95,
         ),
         BuiltinModel(
+            "deep-moe",
+            "the testbed where pruning methods should separate: Mixtral-like depth, 16 layers, "
+            "8 experts of width 128, top-2 (docs/benchmarks.md has its random-pruning figures)",
+            0.95,
+        ),
+        BuiltinModel(
             "fine-moe",
             "the 64-expert code paths on a model that learned something: fine-grained Qwen3-MoE, "
             "8 layers, 64 experts of width 32, top-8 (NAEE's beam search, EEP with E = 64 at keep "

@@ -14,11 +14,16 @@ The shape and architecture are options (stock Mixtral, Qwen3-MoE or OLMoE classe
 records them ("arch", "shape") with the rest of the recipe. The other built-in models:
 
     python -m eep.builtin.train_tiny --arch mixtral --layers 16 --hidden 128 --intermediate 128 \
-        --experts 8 --top-k 2 --heads 4 --steps 4000 --tied-steps 1500 --seed 1 \
+        --experts 8 --top-k 2 --heads 4 --steps 4000 --tied-steps 1000 --lr 1.5e-3 --seed 1 \
         --out eep/builtin/deep-moe
+
     python -m eep.builtin.train_tiny --arch qwen3_moe --layers 8 --hidden 128 --intermediate 32 \
         --experts 64 --top-k 8 --heads 4 --steps 4000 --tied-steps 1500 --seed 1 \
         --experts-impl grouped_mm --out eep/builtin/fine-moe
+
+At the 4-layer model's peak learning rate (3e-3) the 16-layer one learned far more slowly (after
+2,000 steps, train accuracy add 0.23, reverse 0.11); at 1.5e-3 it reached add 0.43, reverse 0.88
+after 1,250.
 """
 
 from __future__ import annotations
