@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from eep.config import ConfigError, yaml_file
 from eep.tasks.spec import format_validation_error
 
 RECIPE_FILE = "eep_recipe.yaml"
@@ -87,12 +88,10 @@ class Recipe(_Frozen):
     def from_yaml(cls, path: str | Path) -> Recipe:
         """Read and validate a recipe; errors name the file and the field."""
         path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+            data = yaml_file(path, "recipe")
+        except ConfigError as exc:
+            raise RecipeError(str(exc)) from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe must be a YAML mapping")
         try:
