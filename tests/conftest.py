@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models run fastest on one thread, and CI machines have 2 cores shared with pytest itself.
 torch.set_num_threads(1)
 
-from eep.models.testing import TINY_FAMILIES, tiny_model  # noqa: E402
+from eep.models.testing import TINY_FAMILIES, save_tiny_model, tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -40,14 +40,11 @@ def real_run(tmp_path_factory):
     tests read what `eep.campaign` really writes (schema drift fails them), not a hand-made copy.
     Made once per session (about ten seconds).
     """
-    from eep.builtin.tokenizer import build_tokenizer  # noqa: PLC0415
     from eep.campaign import run_campaign  # noqa: PLC0415
     from eep.config import config_from_dict  # noqa: PLC0415
 
     root = tmp_path_factory.mktemp("real-campaign")
-    tokenizer = build_tokenizer()
-    tiny_model("mixtral", num_layers=2, vocab_size=len(tokenizer)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model", "mixtral", num_layers=2)
     config = config_from_dict({
         "name": "real-tiny",
         "model": str(root / "model"),
