@@ -1,16 +1,23 @@
-"""Quality of the search strategies on the built-in suite: one campaign per task, keep and strategy.
+"""Quality of the search strategies on the built-in suite: one campaign per task, keep, strategy and seed.
 
     python bench/quality.py --keeps 4 2 --budget 401 --jobs 2 --out runs/quality --curves
+    python bench/quality.py --model builtin:deep-moe --tasks add count reverse --keeps 4 2 \
+        --strategies random coordinate_descent eep eep_seeded --seeds 0 1 2 --oneshot --curves
 
-Every campaign runs in-process on `builtin:tiny-moe` with the same budget and seed; the table
-reports test-split scores of the full model, random pruning (mean of the baselines), random
-search, coordinate descent, EEP prune-only and EEP prune+merge, and the number of search
-evaluations. `--search-metric dense` makes every search (and the dev re-ranking) maximise the
-dense metric of its task kind (char_similarity, label_prob) while the table stays exact match /
-accuracy on test. `--curves` also prints best-so-far vs evaluations for EEP and random search.
+Every campaign runs in-process with the same budget; the table reports test-split scores of the
+full model, random pruning (mean of the campaign's random baselines), random search, coordinate
+descent, EEP prune-only and EEP prune+merge, and the number of search evaluations. With several
+`--seeds` every search cell is the mean over seeds with its range (min-max), and the mean row is
+the mean over seeds of the per-seed means over tasks, with their range.
+
 `--strategies ... eep_seeded` adds EEP whose initial population also holds the one-shot prunings
-(NAEE, soft activation, REAP, frequency on the search split). A finished campaign's summary is
-reused, so a later call with more strategies only runs the new cells.
+(NAEE, soft activation, REAP, frequency), computed once per task and keep on the search split and
+shared by every seed. `--oneshot` also scores those one-shot prunings on the same test examples.
+`--search-metric dense` makes every search (and the dev re-ranking) maximise the dense metric of
+its task kind (char_similarity, label_prob) while the table stays exact match / accuracy on test.
+`--curves` prints best-so-far search score vs evaluations per strategy (mean over tasks and seeds).
+A finished campaign's summary is reused, so a later call with more strategies or seeds only runs
+the new cells.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -26,6 +34,14 @@ STRATEGIES = ("eep", "random", "coordinate_descent")
 SEEDED = "eep_seeded"
 SEEDS = ["naee", "soft_activation", "reap", "frequency"]
 
+# (strategy, summary method key, column label) of the search columns, in table order.
+SEARCH_COLUMNS = [
+    ("random", "random_search", "random search"),
+    ("coordinate_descent", "coordinate_descent", "coordinate descent"),
+    ("eep", "eep_prune_only", "EEP prune-only"),
+    ("eep", "eep", "EEP prune+merge"),
+    (SEEDED, "eep", "EEP seeded"),
+]
 
 # `--search-metric dense`: what searches and dev re-ranking maximise, per task kind.
 DENSE = {"generate": "char_similarity", "multiple_choice": "label_prob"}
@@ -33,7 +49,8 @@ DENSE = {"generate": "char_similarity", "multiple_choice": "label_prob"}
 
 def campaign_dict(
     task: str, keep: int, strategy: str, budget: int, sizes: tuple[int, int, int], seed: int,
-    dense: bool = False, model: str = "builtin:tiny-moe",
+    dense: bool = False, model: str = "builtin:tiny-moe", batch_size: int = 32,
+    init_from: list[str] | None = None,
 ) -> dict:
     """The campaign config of one cell of the table."""
     if strategy in ("eep", SEEDED):
@@ -57,18 +74,30 @@ def campaign_dict(
         task_spec["max_new_tokens"] = max_new_tokens(task)
     if dense:
         task_spec["search_metric"] = DENSE[task_kind(task)]
+    seeded = init_from or SEEDS
     return {
-        **({"init_from": SEEDS} if strategy == SEEDED else {}),
+        **({"init_from": seeded} if strategy == SEEDED else {}),
         "name": f"{task}-k{keep}-{strategy}",
         "model": model,
         "task": task_spec,
         "keep": keep,
         "strategy": settings,
         "final": {"random_baselines": 5, "dev_top": 10},
-        "evaluation": {"device": "cpu", "threads": 1},
+        "evaluation": {"device": "cpu", "threads": 1, "batch_size": batch_size},
         "output": {"export": False},
         "seed": seed,
     }
+
+
+def run_dir_of(out: str, task: str, keep: int, strategy: str, seed: int) -> Path:
+    """Where one campaign of the grid runs (seed 0 keeps the name of single-seed grids)."""
+    suffix = "" if seed == 0 else f"-s{seed}"
+    return Path(out) / f"{task}-k{keep}-{strategy}{suffix}"
+
+
+def oneshot_dir_of(out: str, task: str, keep: int) -> Path:
+    """Where the one-shot prunings of one task and keep live (shared by every seed)."""
+    return Path(out) / f"oneshot-{task}-k{keep}"
 
 
 def run_one(args: tuple[dict, str]) -> dict:
@@ -87,6 +116,30 @@ def run_one(args: tuple[dict, str]) -> dict:
     return run_campaign(config_from_dict(data), run_dir=run_dir, resume=resume, quiet=True).summary
 
 
+def oneshot_one(args: tuple[dict, str, bool]) -> dict[str, float]:
+    """Compute the one-shot prunings of one task and keep on the search split; test-score them if asked."""
+    data, out_dir, score = args
+    import torch
+
+    torch.set_num_threads(1)
+    from eep.candidate import Candidate
+    from eep.config import config_from_dict
+    from eep.fitness import Evaluator
+    from eep.oneshot import seed_candidates
+
+    config = config_from_dict(data)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_candidates(SEEDS, config.model, config.task, config.keep, out)
+    scores_path = out / "test.json"
+    if not score or scores_path.is_file():
+        return json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+    evaluator = Evaluator(config.model, config.task, "test", batch_size=config.evaluation.batch_size)
+    scores = {m: evaluator.evaluate(Candidate.load(out / f"init_{m}.safetensors")).score for m in SEEDS}
+    scores_path.write_text(json.dumps(scores, indent=1) + "\n")
+    return scores
+
+
 def best_so_far(run_dir: Path, points: list[int]) -> list[float]:
     """Best search score after each of `points` evaluations."""
     scores = [
@@ -102,6 +155,14 @@ def best_so_far(run_dir: Path, points: list[int]) -> list[float]:
     return out
 
 
+def spread(values: list[float]) -> str:
+    """`mean` for one value, `mean (min-max)` for several."""
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
 def main() -> None:
     """Run the grid and print markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -110,10 +171,12 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=[*STRATEGIES, SEEDED])
     parser.add_argument("--budget", type=int, default=401, help="evaluations per search (authors: 401)")
     parser.add_argument("--sizes", nargs=3, type=int, default=[128, 128, 500], metavar=("SEARCH", "DEV", "TEST"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="one campaign per seed")
+    parser.add_argument("--batch-size", type=int, default=32, help="evaluation rows per forward")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--curves", action="store_true")
+    parser.add_argument("--oneshot", action="store_true", help="also test-score the one-shot prunings")
     parser.add_argument("--model", default="builtin:tiny-moe", help="a model trained on the built-in tasks")
     parser.add_argument(
         "--search-metric", choices=("primary", "dense"), default="primary",
@@ -123,60 +186,101 @@ def main() -> None:
     from eep.tasks.synthetic import SYNTHETIC_TASKS
 
     tasks = args.tasks or list(SYNTHETIC_TASKS)
-    cells = [(t, k, s) for k in args.keeps for t in tasks for s in args.strategies]
-    work = [
-        (
-            campaign_dict(t, k, s, args.budget, tuple(args.sizes), args.seed, args.search_metric == "dense", args.model),
-            f"{args.out}/{t}-k{k}-{s}",
-        )
-        for t, k, s in cells
-    ]
-    with ProcessPoolExecutor(args.jobs) as ex:
-        summaries = list(ex.map(run_one, work))
-    results = {cell: summary for cell, summary in zip(cells, summaries, strict=True)}
+    sizes = tuple(args.sizes)
+    dense = args.search_metric == "dense"
 
-    def score(task, keep, strategy, method):
-        method_data = results.get((task, keep, strategy), {}).get("methods", {}).get(method, {})
-        return method_data.get("test"), method_data.get("evaluations")
-
-    for keep in args.keeps:
-        print(f"\n### keep {keep} of 8 (test split, budget {args.budget} evaluations per search)\n")
-        columns = [
-            ("eep", "full"), ("eep", "random"), ("random", "random_search"),
-            ("coordinate_descent", "coordinate_descent"), ("eep", "eep_prune_only"), ("eep", "eep"),
+    def config(task: str, keep: int, strategy: str, seed: int) -> dict:
+        init = [
+            str(oneshot_dir_of(args.out, task, keep) / f"init_{m}.safetensors") for m in SEEDS
         ]
-        header = "| task | full | random pruning | random search | coordinate descent | EEP prune-only | EEP prune+merge |"
-        if SEEDED in args.strategies:
-            columns.append((SEEDED, "eep"))
-            header += " EEP seeded with one-shot prunings |"
-        print(header)
-        print("|---|" + "---|" * len(columns))
-        means = [[] for _ in columns]
+        return campaign_dict(
+            task, keep, strategy, args.budget, sizes, seed, dense, args.model, args.batch_size, init
+        )
+
+    oneshot: dict[tuple[str, int], dict[str, float]] = {}
+    if args.oneshot or SEEDED in args.strategies:
+        pairs = [(t, k) for k in args.keeps for t in tasks]
+        work = [
+            (config(t, k, SEEDED, 0), str(oneshot_dir_of(args.out, t, k)), args.oneshot) for t, k in pairs
+        ]
+        with ProcessPoolExecutor(args.jobs) as ex:
+            oneshot = dict(zip(pairs, ex.map(oneshot_one, work), strict=True))
+
+    cells = [(t, k, s, seed) for k in args.keeps for seed in args.seeds for s in args.strategies for t in tasks]
+    work = [(config(*cell), str(run_dir_of(args.out, *cell))) for cell in cells]
+    with ProcessPoolExecutor(args.jobs) as ex:
+        results = dict(zip(cells, ex.map(run_one, work), strict=True))
+
+    def method(task, keep, strategy, seed, key):
+        return results.get((task, keep, strategy, seed), {}).get("methods", {}).get(key, {})
+
+    def reference(task, keep, key):
+        """A score every campaign of the cell computes (full model, random pruning): the first one's."""
+        for seed in args.seeds:
+            for strategy in args.strategies:
+                value = method(task, keep, strategy, seed, key).get("test")
+                if value is not None:
+                    return value
+        return None
+
+    columns = [c for c in SEARCH_COLUMNS if c[0] in args.strategies]
+    oneshot_names = SEEDS if args.oneshot else []
+    for keep in args.keeps:
+        seeds_text = f"{len(args.seeds)} seeds, mean (min-max)" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
+        print(f"\n### keep {keep} (test split; budget {args.budget} evaluations per search; {seeds_text})\n")
+        labels = ["full", "random pruning", *oneshot_names, *(label for _, _, label in columns)]
+        print("| task | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        fixed_means: list[list[float]] = [[] for _ in range(2 + len(oneshot_names))]
+        per_seed: dict[tuple[int, int], list[float]] = {}  # (column, seed) -> task scores
         for task in tasks:
+            row = [reference(task, keep, "full"), reference(task, keep, "random")]
+            row += [oneshot.get((task, keep), {}).get(m) for m in oneshot_names]
             cells_text = []
-            for i, (strategy, method) in enumerate(columns):
-                value, evals = score(task, keep, strategy, method)
-                if value is None:
-                    cells_text.append("-")
-                    continue
-                means[i].append(value)
-                suffix = f" ({evals})" if method not in ("full", "random") else ""
-                cells_text.append(f"{value:.3f}{suffix}")
+            for i, value in enumerate(row):
+                if value is not None:
+                    fixed_means[i].append(value)
+                cells_text.append("-" if value is None else f"{value:.3f}")
+            for c, (strategy, key, _) in enumerate(columns):
+                values = []
+                for seed in args.seeds:
+                    value = method(task, keep, strategy, seed, key).get("test")
+                    if value is not None:
+                        values.append(value)
+                        per_seed.setdefault((c, seed), []).append(value)
+                cells_text.append(spread(values) if values else "-")
             print(f"| {task} | " + " | ".join(cells_text) + " |")
-        print("| **mean** | " + " | ".join(f"{sum(m) / len(m):.3f}" if m else "-" for m in means) + " |")
+        mean_text = [f"{statistics.mean(m):.3f}" if len(m) == len(tasks) else "-" for m in fixed_means]
+        for c in range(len(columns)):
+            means = [
+                statistics.mean(per_seed[(c, seed)]) for seed in args.seeds
+                if len(per_seed.get((c, seed), [])) == len(tasks)
+            ]
+            mean_text.append(spread(means) if means else "-")
+        print("| **mean** | " + " | ".join(mean_text) + " |")
 
     if args.curves:
         points = [p for p in (10, 25, 50, 100, 150, 200, 300, 400) if p <= args.budget]
-        print(f"\n### best search score vs evaluations (mean over tasks), points {points}\n")
-        print("| keep | strategy | " + " | ".join(str(p) for p in points) + " |")
-        print("|---|---|" + "---|" * len(points))
+        print("\n### best search score vs evaluations (mean over tasks and seeds; range of the per-seed means at the last point)\n")
+        print("| keep | strategy | " + " | ".join(str(p) for p in points) + " | range at end |")
+        print("|---|---|" + "---|" * (len(points) + 1))
         for keep in args.keeps:
-            for strategy in ("eep", "random"):
-                curves = [best_so_far(Path(f"{args.out}/{t}-k{keep}-{strategy}"), points) for t in tasks]
-                curves = [c for c in curves if len(c) == len(points)]
-                if curves:
-                    mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(points))]
-                    print(f"| {keep} | {strategy} | " + " | ".join(f"{v:.3f}" for v in mean) + " |")
+            for strategy in args.strategies:
+                seed_means = []
+                for seed in args.seeds:
+                    curves = [best_so_far(run_dir_of(args.out, t, keep, strategy, seed), points) for t in tasks]
+                    curves = [c for c in curves if c]
+                    # coordinate descent may stop early: its curve ends at its last point
+                    curves = [c + [c[-1]] * (len(points) - len(c)) for c in curves]
+                    if len(curves) == len(tasks):
+                        seed_means.append([statistics.mean(c[i] for c in curves) for i in range(len(points))])
+                if seed_means:
+                    mean = [statistics.mean(s[i] for s in seed_means) for i in range(len(points))]
+                    ends = [s[-1] for s in seed_means]
+                    print(
+                        f"| {keep} | {strategy} | " + " | ".join(f"{v:.3f}" for v in mean)
+                        + f" | {min(ends):.3f}-{max(ends):.3f} |"
+                    )
 
 
 if __name__ == "__main__":

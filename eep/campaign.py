@@ -27,6 +27,7 @@ from eep.candidate import Candidate
 from eep.config import CampaignConfig, ConfigError, config_from_dict, resumed_config
 from eep.distributed.pool import EvaluatorPool, InProcessPool, Job, WorkerSpec
 from eep.finale import SplitScorer, random_baselines, run_finale
+from eep.forced import FORCED_METRICS
 from eep.metrics import CampaignMetrics
 from eep.models.families import model_shape
 from eep.models.loading import load_config as load_model_config
@@ -58,6 +59,8 @@ class _Progress:
     asked: int = 0
     search_records: int = 0
     elapsed: float = 0.0
+    examples: int = 0  # search-split examples scored (early rejection scores fewer)
+    rejected: int = 0
     started: float = field(default_factory=time.time)
 
     def seconds(self) -> float:
@@ -149,6 +152,9 @@ class Campaign:
                 elapsed=float(checkpoint["elapsed"]),
             )
         search = [r for r in self.runlog.records if r["split"] == "search"]
+        # Derived from the log (not the checkpoint), so they hold after any crash.
+        self.progress.examples = sum(int(r.get("count") or 0) for r in search)
+        self.progress.rejected = sum(bool(r.get("rejected")) for r in search)
         # Records written after the checkpoint (a crash skips the exit checkpoint): replayed here.
         self.replayed: int = 0
         for record in search[self.progress.search_records :]:
@@ -200,14 +206,25 @@ class Campaign:
             return False
         if budget.max_seconds is not None and self.progress.seconds() >= budget.max_seconds:
             return False
+        if budget.max_examples is not None and self.progress.examples >= budget.max_examples:
+            return False
         return not self.strategy.done
+
+    def _job(self, candidate: Candidate) -> Job:
+        """A search job, with early rejection's threshold when the campaign asks for it."""
+        threshold = None
+        if self.config.fitness.early_rejection is not None:
+            # A plug-in strategy without the method gets every candidate scored in full.
+            rule = getattr(self.strategy, "rejection_threshold", None)
+            threshold = rule(candidate, self.config.final.dev_top) if rule is not None else None
+        return Job(candidate, "search", threshold)
 
     def search(self) -> None:
         """Run the search loop until the strategy or the budget ends it."""
         self.progress.started = time.time()
         pool = self.pool
         for candidate in self.strategy.pending():  # in flight when the last run stopped
-            pool.submit(Job(candidate, "search"))
+            pool.submit(self._job(candidate))
         bar = self._bar()
         try:
             while True:
@@ -216,7 +233,7 @@ class Campaign:
                     if not asked:
                         break
                     self.progress.asked += 1
-                    pool.submit(Job(asked[0], "search"))
+                    pool.submit(self._job(asked[0]))
                 if pool.in_flight == 0:
                     break
                 for job in pool.wait():
@@ -241,6 +258,8 @@ class Campaign:
         self.metrics.observe(record, workers=self.pool.size)
         self.strategy.tell(candidate, result)
         self.progress.search_records += 1
+        self.progress.examples += result.count
+        self.progress.rejected += result.rejected
         if self.progress.search_records % self.config.output.checkpoint_every == 0:
             self._checkpoint()
 
@@ -255,7 +274,10 @@ class Campaign:
         minutes = max(self.progress.seconds(), 1e-9) / 60
         rate = self.progress.search_records / minutes
         best_text = f"{best[0][1]:.3f}" if best else "-"
-        return f"best {best_text} | {phase} | {rate:.0f} eval/min"
+        status = f"best {best_text} | {phase} | {rate:.0f} eval/min"
+        if self.config.fitness.early_rejection is not None or self.config.budget.max_examples:
+            status += f" | {self.progress.examples} examples, {self.progress.rejected} rejected"
+        return status
 
     def _bar(self):
         if self.quiet:
@@ -293,8 +315,11 @@ class Campaign:
             "top_k": cfg.top_k or self.shape.top_k,
             "strategy": cfg.strategy.kind,
             "metric": primary_metric(cfg.task),
-            "search_metric": search_metric(cfg.task),
+            "search_metric": FORCED_METRICS.get(cfg.fitness.kind) or search_metric(cfg.task),
+            "fitness": cfg.fitness.kind,
             "search_evaluations": self.progress.search_records,
+            "search_examples": self.progress.examples,
+            "search_rejected": self.progress.rejected,
             "search_seconds": self.progress.seconds(),
             "chosen": finale.chosen_key,
             "methods": finale.methods,
@@ -344,6 +369,12 @@ def make_pool(config: CampaignConfig) -> EvaluatorPool:
         threads=config.evaluation.threads,
         trust_remote_code=config.trust_remote_code,
         splits=("search", "dev", "test"),
+        fitness=config.fitness.kind,
+        kl_top=config.fitness.kl_top,
+        rejection=(
+            (config.fitness.early_rejection.confidence, config.fitness.early_rejection.slice)
+            if config.fitness.early_rejection is not None else None
+        ),
     )
     if config.workers == 0 and config.ray_address is None:
         return InProcessPool(spec)

@@ -46,7 +46,37 @@ class Budget(_Frozen):
     """Caps on top of the strategy's own iteration count (whichever ends first)."""
 
     max_evaluations: int | None = Field(default=None, ge=1, description="search evaluations")
+    max_examples: int | None = Field(
+        default=None, ge=1, description="search-split examples scored (early rejection scores fewer)"
+    )
     max_seconds: float | None = Field(default=None, gt=0, description="search wall time")
+
+
+class RejectionSettings(_Frozen):
+    """Early rejection (eep.rejection): stop scoring a candidate that cannot matter."""
+
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="one-sided bound level")
+    slice: int = Field(default=16, ge=2, description="examples scored between two checks")
+
+
+class FitnessSettings(_Frozen):
+    """What the search maximises on the search split (dev and test always use the task's metric)."""
+
+    kind: Literal["accuracy", "likelihood", "kl"] = Field(
+        default="accuracy",
+        description="accuracy: the task's search metric; likelihood: teacher-forced log-probability "
+        "of the gold answer; kl: minus the KL divergence from the full model (eep.forced)",
+    )
+    kl_top: int = Field(default=64, ge=1, description="kl: tokens kept per position of the full model")
+    early_rejection: RejectionSettings | None = Field(
+        default=None, description="null: every candidate is scored on the whole split"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_alone(cls, data: Any) -> Any:
+        # `fitness: likelihood` is short for `fitness: {kind: likelihood}`.
+        return {"kind": data} if isinstance(data, str) else data
 
 
 class Resources(_Frozen):
@@ -103,6 +133,7 @@ class CampaignConfig(_Frozen):
         description="seeds of the search: candidate files, or one-shot method names (naee, "
         "frequency, soft_activation, reap, random) run on the task's search split first",
     )
+    fitness: FitnessSettings = FitnessSettings()
     budget: Budget = Budget()
     workers: int = Field(default=0, ge=0, description="0: in-process; N: N Ray actors")
     ray_address: str | None = Field(default=None, description="Ray cluster address (auto in a job)")
@@ -145,6 +176,15 @@ class CampaignConfig(_Frozen):
                     strategy[key] = data[key]
             data = {**data, "strategy": strategy}
         return data
+
+    @model_validator(mode="after")
+    def _one_search_score(self) -> CampaignConfig:
+        if self.fitness.kind != "accuracy" and self.task.search_metric is not None:
+            raise ValueError(
+                f"fitness.kind {self.fitness.kind!r} and task.search_metric "
+                f"{self.task.search_metric!r} both say what the search maximises; keep one"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

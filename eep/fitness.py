@@ -10,6 +10,12 @@ scoring and returns a `FitnessResult` whose hits are in the split's example orde
   option scores the summed log-probability of its own tokens (float32 log-softmax, float64 sum).
 - generation (`generate`, `eep-compat`): greedy decoding with a KV cache, step by step; a row
   leaves the batch (and the cache) when it emits EOS, reaches a stop string or `max_new_tokens`.
+- teacher-forced fitness (`fitness="likelihood"` or `"kl"`, `eep.forced`): one row per example,
+  prompt + gold answer, one forward; no generation whatever the task's scorer.
+
+With a `RejectionRule`, batches are planned in slices of a fixed random order of the examples and
+`evaluate(candidate, reject_below=t)` stops after a slice when the rule's bound on the full-split
+score is below t (`eep.rejection`).
 
 Batched numbers equal one-example-at-a-time numbers up to floating-point rounding: BLAS kernels
 round differently for different row counts (on the CPU, MKL's sgemm for fewer than 8 rows), so
@@ -30,9 +36,19 @@ import torch
 from torch import nn
 
 from eep.candidate import Candidate
+from eep.forced import (
+    DEFAULT_KL_TOP,
+    FITNESS_KINDS,
+    FORCED_METRICS,
+    Reference,
+    answer_logprobs,
+    gold_continuation,
+    kl_per_row,
+)
 from eep.models.loading import LoadedModel, load_model
 from eep.models.skipping import set_skipping, skip_thresholds_of
 from eep.models.surgery import Surgery
+from eep.rejection import RejectionRule
 from eep.result import FitnessResult
 from eep.tasks.example import Example
 from eep.tasks.loaders import load_examples
@@ -93,6 +109,7 @@ class _Item:
     index: int
     prompt_ids: list[int]
     option_ids: list[list[int]] = field(default_factory=list)
+    slice: int = 0  # early rejection checks after each slice
 
     @property
     def rows(self) -> int:
@@ -113,11 +130,16 @@ class _Batch:
     attention_mask: torch.Tensor  # [rows, T]
     position_ids: torch.Tensor  # [rows, T]
     tokens: int  # non-pad tokens
-    option_lengths: torch.Tensor | None = None  # [rows]; MC only
+    option_lengths: torch.Tensor | None = None  # [rows]; MC and teacher-forced rows only
 
     @property
     def rows(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def slice(self) -> int:
+        """The rejection slice of its examples (every example of a batch shares it)."""
+        return self.items[0].slice
 
 
 class Evaluator:
@@ -127,6 +149,9 @@ class Evaluator:
     it is (`device`/`dtype` then ignored); evaluators of one model object share its `Surgery`.
     `batch_size` counts rows per forward (an example's options are never split across batches);
     `max_examples` keeps the split's first N examples; `originals_device` goes to `Surgery`.
+    `fitness` is "accuracy" (the task's metric for this split), "likelihood" or "kl"
+    (`eep.forced`; `kl_top` tokens kept per position of the full model's distributions);
+    `rejection` plans the batches in slices for `evaluate(..., reject_below=...)`.
     """
 
     def __init__(
@@ -139,7 +164,14 @@ class Evaluator:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_examples: int | None = None,
         originals_device: str | torch.device | None = None,
+        fitness: str = "accuracy",
+        kl_top: int = DEFAULT_KL_TOP,
+        rejection: RejectionRule | None = None,
     ):
+        if fitness not in FITNESS_KINDS:
+            raise ValueError(f"fitness must be one of {', '.join(FITNESS_KINDS)}, got {fitness!r}")
+        if kl_top < 1:
+            raise ValueError(f"kl_top must be >= 1, got {kl_top}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_examples is not None and max_examples < 1:
@@ -150,8 +182,13 @@ class Evaluator:
         examples = load_examples(self.spec, split)
         self.examples: list[Example] = examples[:max_examples] if max_examples else examples
         self.scorer = make_scorer(self.spec)
-        self.metric = split_metric(self.spec, split)
+        self.fitness = fitness
+        self.forced = fitness != "accuracy"
+        self.metric = FORCED_METRICS[fitness] if self.forced else split_metric(self.spec, split)
         self.multiple_choice = self.spec.scorer == "multiple_choice"
+        self.kl_top = kl_top
+        self.rejection = rejection
+        self._reference: dict[int, Reference] | None = None  # kl: per example, built once
         self.max_new_tokens = self.spec.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
 
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
@@ -203,25 +240,33 @@ class Evaluator:
 
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()
-    def evaluate(self, candidate: Candidate | None = None) -> FitnessResult:
-        """Score `candidate` (None: the unpruned model) on the split; hits in example order."""
+    def evaluate(
+        self, candidate: Candidate | None = None, reject_below: float | None = None
+    ) -> FitnessResult:
+        """Score `candidate` (None: the unpruned model) on the split; hits in example order.
+
+        With `reject_below` (and a `RejectionRule`), scoring stops after the first slice whose
+        confidence bound on the full-split score is below it; the result is then `rejected`.
+        """
         start = time.perf_counter()
+        if self.fitness == "kl" and self._reference is None:
+            self._build_reference()  # on the unpruned model, before the candidate goes in
         if candidate is None:
             self.surgery.restore()
         else:
             self.surgery.apply(candidate)
         # NAEE dynamic skipping rides in the candidate's extra (None: removed); eep.models.skipping.
         set_skipping(self.model, skip_thresholds_of(candidate))
+        checking = reject_below is not None and self.rejection is not None
+        scored: dict[int, dict[str, float]] = {}  # example index -> its metrics
         outputs: list = [None] * len(self.examples)
         tokens = 0
+        bound = None
         j = 0
         while j < len(self._batches):
             batch = self._batches[j]
             try:
-                if self.multiple_choice:
-                    results, used = self._score_choices(batch)
-                else:
-                    results, used = self._generate(batch)
+                results, used = self._run(batch)
                 failed = False
             except Exception as exc:
                 if not is_out_of_memory(exc) or len(batch.items) == 1:
@@ -231,25 +276,104 @@ class Evaluator:
                 # Outside the except block: the failed batch's tensors are free by now.
                 self._shrink_from(j)
                 continue
-            for item, result in zip(batch.items, results, strict=True):
-                outputs[item.index] = result
+            for item, (metrics, output) in zip(batch.items, results, strict=True):
+                scored[item.index] = metrics
+                outputs[item.index] = output
             tokens += used
             j += 1
-        per_example = [
-            self.scorer.score(ex, out) for ex, out in zip(self.examples, outputs, strict=True)
-        ]
+            at_slice_end = j == len(self._batches) or self._batches[j].slice != batch.slice
+            if checking and at_slice_end and len(scored) < len(self.examples):
+                hits = [m[self.metric] for m in scored.values()]
+                bound = self.rejection.upper_bound(hits, len(self.examples))
+                if bound < reject_below:
+                    break
+        order = sorted(scored)
+        per_example = [scored[i] for i in order]
         metrics = aggregate(per_example)
         self.last_outputs = outputs
         return FitnessResult(
             score=metrics[self.metric],
             metric=self.metric,
-            hits=[s[self.metric] for s in per_example],
-            count=len(self.examples),
+            hits=[m[self.metric] for m in per_example],
+            count=len(per_example),
             seconds=time.perf_counter() - start,
             tokens=tokens,
             metrics=metrics,
             split=self.split,
+            fitness=self.fitness,
+            total=len(self.examples),
+            rejected=len(per_example) < len(self.examples),
+            reject_below=reject_below if checking else None,
+            bound=bound if checking else None,
         )
+
+    def _run(self, batch: _Batch) -> tuple[list[tuple[dict[str, float], object]], int]:
+        """(metrics, raw output) per example of the batch, and the tokens processed."""
+        if self.fitness == "likelihood":
+            values, used = self._forced_loglik(batch)
+            return [({"loglik": v}, v) for v in values], used
+        if self.fitness == "kl":
+            values, used = self._forced_kl(batch)
+            return [({"neg_kl": -v}, v) for v in values], used
+        if self.multiple_choice:
+            outs, used = self._score_choices(batch)
+        else:
+            outs, used = self._generate(batch)
+        examples = [self.examples[item.index] for item in batch.items]
+        return [(self.scorer.score(ex, out), out) for ex, out in zip(examples, outs, strict=True)], used
+
+    def _forced_loglik(self, batch: _Batch) -> tuple[list[float], int]:
+        """Mean log-probability of each row's gold answer tokens."""
+        lengths = batch.option_lengths
+        longest = int(lengths.max())
+        width = batch.input_ids.shape[1]
+        kwargs = {"logits_to_keep": longest + 1} if self._keeps_logits else {}
+        logits = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            **kwargs,
+        ).logits[:, -(longest + 1) : -1]
+        targets = batch.input_ids[:, width - longest :].to(logits.device)
+        return answer_logprobs(logits, targets, lengths.to(logits.device)), batch.tokens
+
+    def _full_logits(self, batch: _Batch) -> torch.Tensor:
+        return self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits
+
+    def _forced_kl(self, batch: _Batch) -> tuple[list[float], int]:
+        """KL(full || candidate) per row, against the reference built once."""
+        assert self._reference is not None
+        logits = self._full_logits(batch)
+        refs = [self._reference[item.index] for item in batch.items]
+        return kl_per_row(logits, batch.attention_mask, refs), batch.tokens
+
+    def _build_reference(self) -> None:
+        """The full model's coarsened next-token distributions of every example (once)."""
+        self.surgery.restore()
+        set_skipping(self.model, None)
+        reference: dict[int, Reference] = {}
+        j = 0
+        while j < len(self._batches):
+            batch = self._batches[j]
+            try:
+                logits = self._full_logits(batch)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or len(batch.items) == 1:
+                    raise
+                self._shrink_from(j)
+                continue
+            for row, item in enumerate(batch.items):
+                reference[item.index] = Reference.of_row(
+                    logits[row], batch.attention_mask[row], self.kl_top
+                )
+            j += 1
+        self._reference = reference
 
     def _score_choices(self, batch: _Batch) -> tuple[list[list[float]], int]:
         """Summed log-probability of every option's tokens, per example of the batch."""
@@ -348,7 +472,11 @@ class Evaluator:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         items, truncated = [], 0
         for index, ex in enumerate(self.examples):
-            if self.multiple_choice:
+            if self.forced:
+                context, gold = encode_choice(self.tokenizer, ex.prompt, gold_continuation(ex))
+                options = [gold]
+                room = None if limit is None else limit - len(gold)
+            elif self.multiple_choice:
                 pairs = [encode_choice(self.tokenizer, ex.prompt, opt) for opt in ex.options]
                 context = pairs[0][0]
                 options = [ids for _, ids in pairs]
@@ -367,6 +495,11 @@ class Evaluator:
                     )
                 context, truncated = context[-room:], truncated + 1
             items.append(_Item(index, context, options))
+        if self.rejection is not None:
+            # Slices of a fixed random order: the examples scored first are a random sample.
+            order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
+            for position, index in enumerate(order):
+                items[index].slice = position // self.rejection.slice
         if truncated:
             log.warning(
                 "%d of %d prompts cut from the left to fit %d positions",
@@ -377,13 +510,14 @@ class Evaluator:
         return items
 
     def _plan(self, items: list[_Item], batch_size: int) -> list[_Batch]:
-        """Fixed batches, longest examples first (an out-of-memory shows at the first batch)."""
-        ordered = sorted(items, key=lambda it: (-it.length, it.index))
+        """Fixed batches, longest examples first within a slice (an out-of-memory shows early)."""
+        ordered = sorted(items, key=lambda it: (it.slice, -it.length, it.index))
         groups: list[list[_Item]] = []
         rows = 0
         for item in ordered:
-            # An example's options stay together; a batch holds at least one example.
-            if groups and rows + item.rows <= batch_size:
+            # An example's options stay together; a batch holds at least one example and
+            # never spans two rejection slices.
+            if groups and rows + item.rows <= batch_size and groups[-1][0].slice == item.slice:
                 groups[-1].append(item)
                 rows += item.rows
             else:
@@ -392,9 +526,10 @@ class Evaluator:
         return [self._collate(group) for group in groups]
 
     def _collate(self, items: list[_Item]) -> _Batch:
+        with_options = self.multiple_choice or self.forced
         rows = (
             [it.prompt_ids + opt for it in items for opt in it.option_ids]
-            if self.multiple_choice
+            if with_options
             else [it.prompt_ids for it in items]
         )
         width = max(len(r) for r in rows)
@@ -406,7 +541,7 @@ class Evaluator:
         # Positions count real tokens only, so a left-padded row sees the positions it would alone.
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         option_lengths = None
-        if self.multiple_choice:
+        if with_options:
             option_lengths = torch.tensor(
                 [len(opt) for it in items for opt in it.option_ids], device=self.device
             )

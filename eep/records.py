@@ -30,6 +30,11 @@ def evaluation_record(
         "tokens": result.tokens,
         "worker": worker,
         "error": result.error,
+        "fitness": result.fitness,
+        "total": result.total,
+        "rejected": result.rejected,
+        "reject_below": result.reject_below,
+        "bound": result.bound,
     }
 
 
@@ -43,4 +48,9 @@ def result_from_record(record: dict) -> FitnessResult:
         metrics=record.get("metrics") or {},
         split=record["split"],
         error=record.get("error"),
+        fitness=record.get("fitness", "accuracy"),
+        total=record.get("total", record.get("count", 0)),
+        rejected=bool(record.get("rejected", False)),
+        reject_below=record.get("reject_below"),
+        bound=record.get("bound"),
     )

@@ -13,6 +13,13 @@ class FitnessResult:
     every metric computed (e.g. acc and acc_norm, exact_match and f1). `hits` is the per-example
     value of the primary metric, in the split's example order. A failed evaluation has `error`
     set and `score` = nan.
+
+    `fitness` names what was measured: "accuracy" (the task's metric), "likelihood" (metric
+    `loglik`: mean log-probability of the gold answer tokens, nats, <= 0) or "kl" (metric
+    `neg_kl`: minus the mean KL divergence from the full model, <= 0). A `rejected` evaluation
+    stopped early (`eep.rejection`): `count` examples of `total` were scored, `score` and `hits`
+    are theirs, and `bound` is the confidence bound on the full-split score that lost to
+    `reject_below`.
     """
 
     score: float
@@ -24,6 +31,11 @@ class FitnessResult:
     metrics: dict[str, float] = field(default_factory=dict)
     split: str = ""
     error: str | None = None
+    fitness: str = "accuracy"
+    total: int = 0  # examples in the split (count < total only when rejected)
+    rejected: bool = False
+    reject_below: float | None = None
+    bound: float | None = None
 
     @property
     def failed(self) -> bool:

@@ -36,6 +36,11 @@ class WorkerSpec:
     device_map: str | None = None
     # Splits each worker prepares; the search split is the one candidates are scored on.
     splits: tuple[str, ...] = ("search",)
+    # What the search split measures (eep.forced) and, when set, early rejection's
+    # (confidence, slice); dev and test always score the task's metric on every example.
+    fitness: str = "accuracy"
+    kl_top: int = 64
+    rejection: tuple[float, int] | None = None
 
 
 class PoolError(RuntimeError):
@@ -48,6 +53,7 @@ class Job:
 
     candidate: Candidate | None  # None: the unpruned model
     split: str = "search"
+    reject_below: float | None = None  # early rejection threshold (search split only)
     result: FitnessResult | None = None
     worker: str = ""
     submitted: float = field(default_factory=time.time)
@@ -133,6 +139,7 @@ def build_evaluators(spec: WorkerSpec) -> dict:
 
     from eep.fitness import Evaluator
     from eep.models.loading import load_model
+    from eep.rejection import RejectionRule
     from eep.tasks.spec import TaskSpec
 
     if spec.threads:
@@ -145,17 +152,20 @@ def build_evaluators(spec: WorkerSpec) -> dict:
         trust_remote_code=spec.trust_remote_code,
     )
     task = TaskSpec.from_dict(spec.task)
-    first = Evaluator(
-        loaded,
-        task,
-        split=spec.splits[0],
-        device=device,
-        batch_size=spec.batch_size,
-        originals_device="cpu" if spec.originals_on_cpu else None,
-    )
-    evaluators = {spec.splits[0]: first}
-    for split in spec.splits[1:]:
-        evaluators[split] = first.for_split(split)
+    evaluators: dict = {}
+    for split in spec.splits:
+        search = split == "search"
+        evaluators[split] = Evaluator(
+            loaded,
+            task,
+            split=split,
+            device=device,
+            batch_size=spec.batch_size,
+            originals_device="cpu" if spec.originals_on_cpu else None,
+            fitness=spec.fitness if search else "accuracy",
+            kl_top=spec.kl_top,
+            rejection=RejectionRule(*spec.rejection) if search and spec.rejection else None,
+        )
     return evaluators
 
 
@@ -165,7 +175,7 @@ def run_job(evaluators: dict, job: Job) -> FitnessResult:
     if evaluator is None:
         evaluator = evaluators[job.split] = next(iter(evaluators.values())).for_split(job.split)
     try:
-        return evaluator.evaluate(job.candidate)
+        return evaluator.evaluate(job.candidate, reject_below=job.reject_below)
     except Exception as exc:  # noqa: BLE001  (a failed evaluation is data, not a crash)
         log.warning("evaluation failed: %s", exc)
         log.debug("%s", traceback.format_exc())

@@ -63,9 +63,11 @@ class EvaluatorActor:
         """Returns once the constructor has finished (the model is loaded)."""
         return self.name
 
-    def evaluate(self, candidate: Candidate | None, split: str) -> FitnessResult:
+    def evaluate(
+        self, candidate: Candidate | None, split: str, reject_below: float | None = None
+    ) -> FitnessResult:
         """Score one candidate; a Python error comes back as a failed result."""
-        return run_job(self.evaluators, Job(candidate, split))
+        return run_job(self.evaluators, Job(candidate, split, reject_below))
 
 
 def actor_demand(num_cpus: float, num_gpus: float, memory_gb: float | None) -> dict[str, float]:
@@ -323,7 +325,7 @@ class RayPool:
             if worker.ready and worker.job is None:
                 job = self._queue.popleft()
                 worker.job = job
-                worker.ref = worker.handle.evaluate.remote(job.candidate, job.split)
+                worker.ref = worker.handle.evaluate.remote(job.candidate, job.split, job.reject_below)
                 self._by_ref[worker.ref] = worker
 
     def _collect(self, timeout: float) -> tuple[list[Job], bool]:

@@ -155,6 +155,21 @@ class BaseStrategy:
         )
         return [(e.candidate, e.score) for e in ranked[:n]]
 
+    def rejection_threshold(self, candidate: Candidate, finalists: int) -> float | None:
+        """The score below which `candidate` can change nothing, or None: score it in full.
+
+        Early rejection (eep.rejection) stops scoring a candidate whose bound falls below this.
+        A strategy that needs every candidate's full score returns None (the default); one that
+        only ranks returns the lowest score at which the candidate could still steer it or be
+        one of the `finalists` best (the dev re-ranking). -inf (anything matters) also means None.
+        """
+        return None
+
+    def _top_threshold(self, entries: Sequence[Evaluated], n: int) -> float:
+        """The n-th best score of `entries` (-inf with fewer): what a newcomer must reach to rank."""
+        scores = sorted((e.score for e in entries), reverse=True)
+        return scores[n - 1] if len(scores) >= n else float("-inf")
+
     def state_dict(self) -> dict:
         """Everything needed to continue exactly (JSON types and torch tensors only)."""
         return {

@@ -69,6 +69,30 @@ class EEPStrategy(BaseStrategy):
         )
         return [(e.candidate, e.score) for e in ranked[:n]]
 
+    def rejection_threshold(self, candidate: Candidate, finalists: int) -> float | None:
+        """The lowest score at which `candidate` could be a parent or a finalist (None: any could).
+
+        A parent pool only narrows as better results come in, so a candidate under the pool's
+        current bottom never becomes a parent later either.
+        """
+        entries = self._state.successful()
+        scores = sorted((e.score for e in entries), reverse=True)
+        s = self.settings
+        merging = candidate.phase == "merge"
+        pools = [_pool_threshold(scores, s.mutate_parents_select_type, s.mutate_parents_threshold,
+                                 s.mutate_parents_rank, inclusive=True)]
+        if merging:
+            pools.append(_pool_threshold(scores, s.crossover_parents_select_type,
+                                         s.crossover_parents_threshold, s.crossover_parents_rank,
+                                         inclusive=False))
+        # Finalists: the best overall, and (pure pruning) the best prune-only candidates.
+        tops = [self._top_threshold(entries, finalists)]
+        if not merging:
+            pruned = [e for e in entries if e.candidate.phase in ("init", "prune")]
+            tops.append(self._top_threshold(pruned, finalists))
+        threshold = min(pools + tops)
+        return None if threshold == float("-inf") else threshold
+
     # ----------------------------------------------------------------------------- hooks
     def _finished(self) -> bool:
         return self.evaluations > self.settings.total_iter
@@ -320,6 +344,33 @@ def absolute_pool_end(scores: Sequence[float], threshold: float) -> int:
         if best - scores[i] > threshold + SCORE_TOLERANCE:
             return i
     return max(len(scores) - 1, 0)
+
+
+def _pool_threshold(
+    scores: Sequence[float], select_type: str, threshold: float, rank: int, inclusive: bool
+) -> float:
+    """The lowest score a newcomer needs to land in a parent pool of `scores` (best first).
+
+    The pool is indices 0..end (`inclusive`, mutation) or 0..end-1 (crossover), end being
+    `rank` (ranking) or max(i*, rank) (absolute; i* the first index more than `threshold` below
+    the best, which the pool includes: the authors' off-by-one). A newcomer with a lower score
+    than the pool's last member sorts after it. -inf when every newcomer would be in the pool.
+    """
+    if not scores:
+        return float("-inf")
+    if select_type == "absolute":
+        best = scores[0]
+        first_out = next(
+            (i for i in range(1, len(scores)) if best - scores[i] > threshold + SCORE_TOLERANCE),
+            None,
+        )
+        if first_out is None:
+            return float("-inf")  # every score is inside: so is any newcomer (the pool's end moves)
+        end = max(first_out, rank)
+    else:
+        end = rank
+    last = end if inclusive else end - 1
+    return scores[last] if last < len(scores) else float("-inf")
 
 
 def select_mutation_parent(

@@ -33,6 +33,11 @@ class RandomSearch(BaseStrategy):
     def _capacity(self) -> int:
         return self.settings.budget - self._used()
 
+    def rejection_threshold(self, candidate: Candidate, finalists: int) -> float | None:
+        """Only the `finalists` best matter: a candidate under the current n-th best is dropped."""
+        threshold = self._top_threshold(self._state.successful(), finalists)
+        return None if threshold == float("-inf") else threshold
+
     def _propose(self) -> Candidate:
         merge = [self._one_hot(self._random_subset()) for _ in range(self.groups.num_groups)]
         return self._candidate(merge, [m.clone() for m in merge], "prune", operator="random")

@@ -25,12 +25,17 @@ from eep.result import FitnessResult
 
 @dataclass
 class Evaluated:
-    """An archived candidate with its search score (nan when the evaluation failed)."""
+    """An archived candidate with its search score (nan when the evaluation failed).
+
+    A `rejected` one was stopped early (eep.rejection): its score is partial, so it is kept
+    (never asked again) but is neither a parent nor a finalist.
+    """
 
     candidate: Candidate
     score: float
     failed: bool
     order: int  # position in the archive, i.e. the order results were told
+    rejected: bool = False
 
 
 class SearchState:
@@ -56,8 +61,8 @@ class SearchState:
         return self._told_by_key.get(key)
 
     def successful(self) -> list[Evaluated]:
-        """Archived candidates whose evaluation succeeded, in the order they were told."""
-        return [e for e in self.archive if not e.failed]
+        """Archived candidates scored on the whole split, in the order they were told."""
+        return [e for e in self.archive if not e.failed and not e.rejected]
 
     # ----------------------------------------------------------------------------- changes
     def add_pending(self, candidate: Candidate, key: str) -> Candidate:
@@ -86,7 +91,7 @@ class SearchState:
         del self.pending[cid]
         key = self._pending_key.pop(cid)
         self._pending_keys.discard(key)
-        entry = Evaluated(ours, score, failed, len(self.archive))
+        entry = Evaluated(ours, score, failed, len(self.archive), result.rejected and not failed)
         self.archive.append(entry)
         self._told_by_key.setdefault(key, entry)
         return entry
@@ -103,6 +108,7 @@ class SearchState:
                     "candidate": candidate_state(e.candidate),
                     "score": None if e.failed else e.score,
                     "failed": e.failed,
+                    "rejected": e.rejected,
                 }
                 for e in self.archive
             ],
@@ -120,7 +126,7 @@ class SearchState:
             candidate = candidate_from_state(item["candidate"])
             failed = bool(item["failed"])
             score = float("nan") if failed else float(item["score"])
-            entry = Evaluated(candidate, score, failed, i)
+            entry = Evaluated(candidate, score, failed, i, bool(item.get("rejected", False)))
             self.archive.append(entry)
             self._told_by_key.setdefault(dedup_key(candidate), entry)
         for item in state["pending"]:

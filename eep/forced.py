@@ -1,0 +1,100 @@
+"""Teacher-forced fitness: one forward over prompt + gold answer per example, no generation.
+
+- `likelihood` (metric `loglik`): the mean log-probability of the gold answer's tokens given the
+  prompt (generation tasks: the first accepted answer; multiple choice: the correct option),
+  averaged over examples. Nats, <= 0, higher is better.
+- `kl` (metric `neg_kl`): minus the mean KL(full || candidate) of the next-token distributions
+  at every position of prompt + gold answer (each position that predicts a token of the row),
+  averaged per example and then over examples. The labels are only used to build the rows, so
+  any text works. The full model's distributions are computed once per evaluator and kept as
+  their `top` largest log-probabilities plus the mass of the rest; the KL is then the exact KL
+  between the two distributions coarsened to those `top` tokens and one "rest" bucket: a lower
+  bound of the full KL (data processing), equal to it when `top` >= the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FITNESS_KINDS: tuple[str, ...] = ("accuracy", "likelihood", "kl")
+FORCED_METRICS = {"likelihood": "loglik", "kl": "neg_kl"}
+DEFAULT_KL_TOP = 64
+
+
+def gold_continuation(example) -> str:
+    """The text a teacher-forced row appends to the prompt: the correct option or first answer."""
+    if example.options:
+        return example.options[example.label]
+    if not example.answers:
+        raise ValueError(f"example {example.id!r} has no gold answer to teacher-force")
+    return example.answers[0]
+
+
+def answer_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
+) -> list[float]:
+    """Mean log-probability per row of its last `lengths[r]` target tokens.
+
+    `logits` [rows, L, V] predict `targets` [rows, L] (rows right-aligned: a row's answer is its
+    last tokens).
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [rows, L]
+    longest = targets.shape[1]
+    columns = torch.arange(longest, device=picked.device)
+    inside = columns[None, :] >= (longest - lengths)[:, None]
+    sums = torch.where(inside, picked, 0.0).double().sum(dim=1)
+    return (sums / lengths.double().clamp(min=1)).tolist()
+
+
+@dataclass
+class Reference:
+    """The full model's next-token distributions over one row, coarsened to top-k + rest.
+
+    Position i predicts token i + 1 of the row's real tokens (padding excluded), so a row of n
+    tokens has n - 1 positions, whatever batch it is scored in.
+    """
+
+    top_logprobs: torch.Tensor  # [n-1, k] float32
+    top_index: torch.Tensor  # [n-1, k] int64
+    rest_logprob: torch.Tensor  # [n-1] float32: log of the mass outside the top k
+
+    @classmethod
+    def of_row(cls, logits: torch.Tensor, attention_mask: torch.Tensor, top: int) -> Reference:
+        """From one row's logits [T, V] and its left-padded attention mask [T]."""
+        logprobs = torch.log_softmax(_predicting(logits, attention_mask).float(), dim=-1)
+        k = min(top, logprobs.shape[-1])
+        values, index = logprobs.topk(k, dim=-1)
+        return cls(values, index, _log_rest(logprobs, index))
+
+
+def kl_per_row(
+    logits: torch.Tensor, attention_mask: torch.Tensor, refs: list[Reference]
+) -> list[float]:
+    """Mean KL(full || candidate) over each row's positions (coarsened, see the module docstring)."""
+    out = []
+    for row, ref in enumerate(refs):
+        logq = torch.log_softmax(_predicting(logits[row], attention_mask[row]).float(), dim=-1)
+        q_top = logq.gather(-1, ref.top_index.to(logq.device))
+        q_rest = _log_rest(logq, ref.top_index.to(logq.device))
+        p_log, p_rest_log = ref.top_logprobs.to(logq.device), ref.rest_logprob.to(logq.device)
+        terms = (p_log.exp() * (p_log - q_top)).sum(dim=-1)
+        p_rest = p_rest_log.exp()
+        # 0 * log(0 / q) = 0: a rest bucket with no mass contributes nothing.
+        terms = terms + torch.where(p_rest > 0, p_rest * (p_rest_log - q_rest), 0.0)
+        out.append(float(terms.double().mean()) if terms.numel() else 0.0)
+    return out
+
+
+def _log_rest(logprobs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Log of the probability mass outside `index` (a logsumexp over the other tokens)."""
+    return logprobs.scatter(-1, index, float("-inf")).logsumexp(dim=-1)
+
+
+def _predicting(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The logits [n-1, V] of a row's real positions that predict a real token (left padding)."""
+    n = int(attention_mask.sum())
+    width = logits.shape[0]
+    return logits[width - n : width - 1]
