@@ -51,9 +51,10 @@ def evaluators(model_dir) -> tuple[WorkerSpec, dict]:
     return spec, build_evaluators(spec)
 
 
-def make_config(model_dir: str, run_dir: Path, checkpoint_every: int = 7) -> CampaignConfig:
+def make_config(model_dir: str, run_dir: Path, checkpoint_every: int = 7, **extra) -> CampaignConfig:
     return config_from_dict(
         {
+            **extra,
             "name": "resume",
             "model": model_dir,
             "task": TASK,
@@ -307,3 +308,34 @@ def test_resume_with_three_workers_keeps_every_record(tmp_path, model_dir, evalu
     assert len({r["hash"] for r in search}) == len({r["id"] for r in search}) == SEARCH_EVALUATIONS
     assert set(in_flight) <= {r["id"] for r in search[10:]}  # the jobs in flight were scored after resume
     assert summary_of(killed)["search_evaluations"] == SEARCH_EVALUATIONS
+
+
+REJECTION = {"early_rejection": {"confidence": 0.6, "slice": 2}}
+
+
+def test_kill_mid_rejection_resumes_to_the_same_run(tmp_path, model_dir):
+    """Early rejection: the kills land while a candidate that gets rejected is in flight."""
+    spec = WorkerSpec(model=model_dir, task=TASK, splits=("search", "dev", "test"), rejection=(0.6, 2))
+    evals = build_evaluators(spec)
+    ref = tmp_path / "ref"
+    run_campaign(make_config(model_dir, ref, fitness=REJECTION), quiet=True, pool=InProcessPool(spec, evals))
+    search = [r for r in decisions(ref) if r["split"] == "search"]
+    rejected = [i for i, r in enumerate(search) if r["rejected"]]
+    assert len(search) == SEARCH_EVALUATIONS and len(rejected) >= 3
+    assert all(search[i]["count"] < search[i]["total"] == 8 for i in rejected)
+    assert summary_of(ref)["search_rejected"] == len(rejected)
+    # Kill with a rejected candidate in flight (its record is the next one); one kill with a
+    # checkpoint, one where every record (the rejected ones among them) is replayed.
+    for every, kill in ((7, rejected[1]), (1000, rejected[-1])):
+        first, killed = tmp_path / f"first-{every}", tmp_path / f"killed-{every}"
+        pool = CrashCopies(InProcessPool(spec, evals), first, {kill: killed})
+        run_campaign(make_config(model_dir, first, every, fitness=REJECTION), quiet=True, pool=pool)
+        assert_same_run(first, ref)
+
+        def check(campaign: Campaign, kill: int = kill) -> None:
+            # The replayed strategy knows which of its candidates were rejected.
+            flags = [e.rejected for e in campaign.strategy.archive]
+            assert flags == [r["rejected"] for r in search[:kill]] and any(flags)
+
+        resume(make_config(model_dir, ref, every, fitness=REJECTION), killed, InProcessPool(spec, evals), check)
+        assert_same_run(killed, ref)

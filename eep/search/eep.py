@@ -354,7 +354,8 @@ def _pool_threshold(
     The pool is indices 0..end (`inclusive`, mutation) or 0..end-1 (crossover), end being
     `rank` (ranking) or max(i*, rank) (absolute; i* the first index more than `threshold` below
     the best, which the pool includes: the authors' off-by-one). A newcomer with a lower score
-    than the pool's last member sorts after it. -inf when every newcomer would be in the pool.
+    than the pool's last member sorts after it, unless (absolute) it is within `threshold` of
+    the best and so moves i* down. -inf when every newcomer would be in the pool.
     """
     if not scores:
         return float("-inf")
@@ -367,10 +368,14 @@ def _pool_threshold(
         if first_out is None:
             return float("-inf")  # every score is inside: so is any newcomer (the pool's end moves)
         end = max(first_out, rank)
+        inside = best - threshold - SCORE_TOLERANCE
     else:
         end = rank
+        inside = float("inf")
     last = end if inclusive else end - 1
-    return scores[last] if last < len(scores) else float("-inf")
+    if last < 0:
+        return float("inf")  # an empty pool: no newcomer can enter it
+    return min(scores[last], inside) if last < len(scores) else float("-inf")
 
 
 def select_mutation_parent(
