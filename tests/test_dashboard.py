@@ -395,3 +395,22 @@ def test_real_campaign_summary_progress_workers_and_final(serve, real_run):
     written = json.loads((real_run.run_dir / "summary.json").read_text())
     assert {k: v for k, v in final.items() if k != "rows"} == written == json.loads(json.dumps(real_run.summary))
     assert [row["label"] for row in final["rows"]] == [m["label"] for m in written["methods"].values()]
+
+
+def test_a_rejected_evaluation_is_never_the_best_and_counts_in_the_spent_budget(live_run):
+    view = RunView(live_run.path)
+    before = view.summary()
+    best = view.best()
+    assert before["progress"]["examples"] == 30 * 200 and before["progress"]["rejected"] == 0
+    record = {
+        "id": "eep-99999", "hash": "0" * 20, "parents": [], "phase": "merge", "split": "search",
+        "score": 1.0, "metric": "exact_match", "metrics": {"exact_match": 1.0}, "count": 16,
+        "total": 200, "rejected": True, "reject_below": 0.9, "bound": 0.5, "seconds": 0.1,
+        "tokens": 100, "worker": "w0", "error": None, "asked": 31, "elapsed": 101.0, "time": time.time(),
+    }
+    with open(live_run.path / "evaluations.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    after = view.summary()
+    assert after["progress"]["done"] == 31
+    assert after["progress"]["examples"] == 30 * 200 + 16 and after["progress"]["rejected"] == 1
+    assert view.best()["id"] == best["id"] != "eep-99999"

@@ -10,7 +10,7 @@ from eep.campaign import run_campaign
 from eep.config import load_config
 
 NAME = "demo"
-HELP = "run the tiny campaign (configs/tiny.yaml) on builtin:tiny-moe end to end"
+HELP = "run the demo campaign (configs/tiny.yaml: EEP on builtin:deep-moe, keep 2) end to end"
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "builtin" / "tiny.yaml"
 
 

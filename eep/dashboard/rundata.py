@@ -108,6 +108,8 @@ class _Totals:
     first_time: float | None = None
     last_time: float | None = None
     last_elapsed: float = 0.0
+    examples: int = 0  # search-split examples scored (early rejection scores fewer)
+    rejected: int = 0
     held_out: dict[str, dict[str, dict]] = field(default_factory=dict)  # split -> id -> record
 
 
@@ -215,7 +217,11 @@ class RunView:
                 t.last_elapsed = max(t.last_elapsed, elapsed)
             if when is not None:
                 t.recent.append(when)
-            if score is not None and score > t.best_score:
+            rejected = bool(record.get("rejected"))
+            t.rejected += rejected
+            t.examples += int(_number(record.get("count")) or 0)
+            # A rejected candidate's partial score is not a result: it is never the best.
+            if score is not None and not rejected and score > t.best_score:
                 t.best_score, t.best_index, t.best_id = score, index, record_id
                 t.best_steps.append([index, elapsed, score])
         else:
@@ -427,6 +433,8 @@ class RunView:
             "rate_per_min": rate * 60 if rate else None,
             "eta_seconds": eta,
             "elapsed": t.last_elapsed,
+            "examples": t.examples,
+            "rejected": t.rejected,
             "first_time": t.first_time,
             "last_time": t.last_time,
         }

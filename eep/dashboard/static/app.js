@@ -212,6 +212,8 @@ function renderKpis(s) {
   if (s.status === "running" && p.eta_seconds != null) sub += ` · ETA ${formatDuration(p.eta_seconds)}`;
   else if (s.status === "finished") sub += ` · searched in ${formatDuration(p.elapsed)}`;
   else if (s.status === "stopped") sub += " · stopped (resume with --resume)";
+  // The budget actually spent: examples scored, fewer than evaluations x split with early rejection.
+  if (p.examples) sub += ` · ${p.examples.toLocaleString()} examples` + (p.rejected ? `, ${p.rejected.toLocaleString()} rejected early` : "");
   $("kpi-progress-sub").textContent = sub;
   const d = runData(s.name);
   const phase = s.phase ? PHASE_LABEL[s.phase] ?? s.phase : "—";
