@@ -72,6 +72,15 @@ def test_candidate_changes_the_score_as_the_evaluator_does(tmp_path, capsys):
     assert human.startswith(f"sort [search]: exact_match {pruned['score']:.4f} ("), human
 
 
+@pytest.mark.parametrize(("fitness", "metric"), [("likelihood", "loglik"), ("kl", "neg_kl")])
+def test_fitness_kinds(model_dir, capsys, fitness, metric):
+    argv = ["--model", model_dir, "--task", "count", "--limit", "4", "--fitness", fitness]
+    out = evaluate_json(capsys, *argv)
+    direct = Evaluator(model_dir, "count", max_examples=4, fitness=fitness).evaluate()
+    assert out["metric"] == metric and out["fitness"] == fitness
+    assert out["score"] == pytest.approx(direct.score)
+
+
 def test_human_output(model_dir, capsys):
     assert main(["evaluate", "--model", model_dir, "--task", "compare", "--limit", "4"]) == 0
     out = capsys.readouterr().out

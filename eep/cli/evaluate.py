@@ -10,6 +10,7 @@ import json
 
 from eep.candidate import Candidate
 from eep.fitness import DEFAULT_BATCH_SIZE, Evaluator
+from eep.forced import FITNESS_KINDS
 from eep.models.loading import parse_device
 from eep.models.skipping import installed_skipping
 
@@ -35,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-fewshot", type=int, help="with --harness: lm-eval's few-shot count")
     parser.add_argument("--split", default="search", choices=("search", "dev", "test"))
+    parser.add_argument(
+        "--fitness", default="accuracy", choices=FITNESS_KINDS,
+        help="accuracy (the task's metric), likelihood or kl (teacher-forced: `fitness:` in a campaign)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--dtype", default="auto", help="auto (as stored), float32, bfloat16, float16"
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --task (eep's scoring) or --harness (lm-evaluation-harness), one")
     if args.harness is None and (args.include_path or args.num_fewshot is not None):
         raise ValueError("--include-path and --num-fewshot go with --harness")
+    if args.harness is not None and args.fitness != "accuracy":
+        raise ValueError("--fitness goes with --task (lm-evaluation-harness scores its own way)")
     candidate = Candidate.load(args.candidate) if args.candidate else None
     if args.harness is not None:
         return _run_harness(args, candidate)
@@ -67,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
         max_examples=args.limit,
+        fitness=args.fitness,
     )
     result = evaluator.evaluate(candidate)
     # A candidate from `eep prune --skip` is scored with dynamic skipping, installed afresh by this
