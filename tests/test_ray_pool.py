@@ -440,3 +440,23 @@ def test_campaign_metrics_reach_rays_prometheus_export(cluster, model_dir, tmp_p
     for (name, split), count in buckets.items():
         le = float(name.rsplit("le=", 1)[1])
         assert count == sum(r["seconds"] <= le for r in records if r["split"] == split), name
+
+
+@pytest.mark.slow
+def test_campaign_with_kl_fitness_and_early_rejection_on_actors(cluster, model_dir, tmp_path):
+    cfg = make_config(
+        model_dir, tmp_path / "run", fitness={"kind": "kl", "early_rejection": {"confidence": 0.6, "slice": 2}},
+        final={"random_baselines": 1, "dev_top": 2},
+    )
+    result = run_campaign(cfg, quiet=True)
+    records = RunLog.open(tmp_path / "run").records
+    search = [r for r in records if r["split"] == "search"]
+    assert len(search) == 25 and {r["worker"] for r in search} == {"ray-0", "ray-1"}
+    assert {(r["fitness"], r["metric"]) for r in search} == {("kl", "neg_kl")}
+    rejected = [r for r in search if r["rejected"]]
+    assert rejected and all(r["count"] < r["total"] == 10 for r in rejected)
+    assert result.summary["search_rejected"] == len(rejected)
+    assert result.summary["search_examples"] == sum(r["count"] for r in search) < 25 * 10
+    # dev and test score the task's own metric on every example
+    held_out = [r for r in records if r["split"] != "search"]
+    assert {(r["fitness"], r["metric"], r["rejected"]) for r in held_out} == {("accuracy", "exact_match", False)}
