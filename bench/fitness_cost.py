@@ -55,8 +55,10 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def candidates_for(task: str, layers: int, experts: int, random: int, runs: list[str], seed: int) -> list:
-    """Random prunings at keep 4 and 2, then up to 20 candidates per earlier run of `task`."""
+def candidates_for(
+    task: str, layers: int, experts: int, random: int, runs: list[str], per_run: int, seed: int
+) -> list:
+    """Random prunings at keep 4 and 2, then up to `per_run` candidates per earlier EEP run of `task`."""
     from eep.candidate import Candidate
 
     out = []
@@ -66,14 +68,14 @@ def candidates_for(task: str, layers: int, experts: int, random: int, runs: list
     for root in runs:
         for run in sorted(Path(root).glob(f"{task}-k*-eep*")):
             files = sorted((run / "candidates").glob("*.safetensors"))
-            step = max(1, len(files) // 20)
-            out.extend(Candidate.load(f) for f in files[::step][:20])
+            step = max(1, len(files) // per_run)  # spread over the run: inits to merged ones
+            out.extend(Candidate.load(f) for f in files[::step][:per_run])
     return out
 
 
-def rank_task(args: tuple[str, str, int, list[str], int, int]) -> dict:
+def rank_task(args: tuple[str, str, int, list[str], int, int, int]) -> dict:
     """Every kind's cost and Spearman correlation with test accuracy on one task."""
-    model, task, random, runs, search, batch = args
+    model, task, random, runs, per_run, search, batch = args
     torch.set_num_threads(1)
     from eep.fitness import Evaluator
     from eep.models.loading import load_model
@@ -89,7 +91,7 @@ def rank_task(args: tuple[str, str, int, list[str], int, int]) -> dict:
     evaluators = {k: Evaluator(loaded, spec, "search", batch_size=batch, fitness=k) for k in KINDS}
     test = Evaluator(loaded, spec, "test", batch_size=batch)
     forced = evaluators["likelihood"]
-    cands = candidates_for(task, forced.num_layers, forced.num_experts, random, runs, 0)
+    cands = candidates_for(task, forced.num_layers, forced.num_experts, random, runs, per_run, 0)
     rows: dict[str, list] = {k: [] for k in (*KINDS, "test", "floor")}
     for ev in evaluators.values():  # warm-up (and the kl reference)
         ev.evaluate(cands[0])
@@ -125,7 +127,10 @@ def rank(args) -> None:
     from eep.tasks.synthetic import SYNTHETIC_TASKS
 
     tasks = args.tasks or list(SYNTHETIC_TASKS)
-    work = [(args.model, t, args.random, args.from_runs, args.search, args.batch_size) for t in tasks]
+    work = [
+        (args.model, t, args.random, args.from_runs, args.per_run, args.search, args.batch_size)
+        for t in tasks
+    ]
     with ProcessPoolExecutor(args.jobs) as ex:
         results = list(ex.map(rank_task, work))
     if args.out:
@@ -202,6 +207,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 2))
     parser.add_argument("--random", type=int, default=40, help="rank: random prunings per keep (4 and 2)")
     parser.add_argument("--from-runs", nargs="*", default=[], help="rank: folders of earlier campaigns")
+    parser.add_argument("--per-run", type=int, default=20, help="rank: candidates taken per earlier run")
     parser.add_argument("--keep", type=int, default=2, help="campaigns: experts kept per layer")
     parser.add_argument("--seconds", type=float, default=90, help="campaigns: search wall time each")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])

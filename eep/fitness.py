@@ -499,7 +499,7 @@ class Evaluator:
             # Slices of a fixed random order: the examples scored first are a random sample.
             order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
             for position, index in enumerate(order):
-                items[index].slice = position // self.rejection.slice
+                items[index].slice = self.rejection.slice_of(position)
         if truncated:
             log.warning(
                 "%d of %d prompts cut from the left to fit %d positions",

@@ -1,7 +1,10 @@
 """Early rejection: stop scoring a candidate once a confidence bound says it cannot matter.
 
 The Evaluator scores a split in slices of a fixed random order of its examples, so the examples
-scored so far are a simple random sample of the split. After each slice it bounds the score the
+scored so far are a simple random sample of the split. Slices double: the checks come after
+`slice`, 2 `slice`, 4 `slice`, ... examples, because a batch never straddles two slices and many
+small batches cost more per example than a few large ones (on the CPU, a 16-row batch of the deep
+built-in model costs well over a quarter of a 64-row one). After each slice it bounds the score the
 whole split would give, `(sum of seen hits + unseen * U) / total`, where U is a one-sided upper
 confidence bound on the mean of the unseen hits at level `confidence`:
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RejectionRule:
-    """When to check (every `slice` examples) and how sure a rejection must be."""
+    """When to check (after `slice` examples, then each time the count doubles) and how sure to be."""
 
     confidence: float = 0.95
     slice: int = 16
@@ -35,6 +38,10 @@ class RejectionRule:
             raise ValueError(f"confidence must be in (0.5, 1), got {self.confidence}")
         if self.slice < 2:
             raise ValueError(f"slice must be >= 2 examples, got {self.slice}")
+
+    def slice_of(self, position: int) -> int:
+        """The slice of the example at `position` of the random order: sizes s, s, 2s, 4s, ..."""
+        return (position // self.slice).bit_length()
 
     @property
     def z(self) -> float:
