@@ -8,7 +8,8 @@ Every campaign runs in-process with the same budget; the table reports test-spli
 full model, random pruning (mean of the campaign's random baselines), random search, coordinate
 descent, EEP prune-only and EEP prune+merge, and the number of search evaluations. With several
 `--seeds` every search cell is the mean over seeds with its range (min-max), and the mean row is
-the mean over seeds of the per-seed means over tasks, with their range.
+the mean over seeds of the per-seed means over tasks, with their range; random pruning is then
+the mean of every seed's 5 draws.
 
 `--strategies ... eep_seeded` adds EEP whose initial population also holds the one-shot prunings
 (NAEE, soft activation, REAP, frequency), computed once per task and keep on the search split and
@@ -215,13 +216,18 @@ def main() -> None:
         return results.get((task, keep, strategy, seed), {}).get("methods", {}).get(key, {})
 
     def reference(task, keep, key):
-        """A score every campaign of the cell computes (full model, random pruning): the first one's."""
+        """A score every campaign computes (full model, random pruning): the mean over seeds.
+
+        Campaigns of one seed share it (random baselines are drawn from the campaign's seed), so
+        random pruning is the mean of 5 draws per seed over every seed.
+        """
+        values = []
         for seed in args.seeds:
-            for strategy in args.strategies:
-                value = method(task, keep, strategy, seed, key).get("test")
-                if value is not None:
-                    return value
-        return None
+            found = (method(task, keep, s, seed, key).get("test") for s in args.strategies)
+            value = next((v for v in found if v is not None), None)
+            if value is not None:
+                values.append(value)
+        return statistics.mean(values) if values else None
 
     columns = [c for c in SEARCH_COLUMNS if c[0] in args.strategies]
     oneshot_names = SEEDS if args.oneshot else []
