@@ -316,6 +316,7 @@ class Campaign:
             "strategy": cfg.strategy.kind,
             "metric": primary_metric(cfg.task),
             "search_metric": FORCED_METRICS.get(cfg.fitness.kind) or search_metric(cfg.task),
+            "dev_metric": search_metric(cfg.task),
             "fitness": cfg.fitness.kind,
             "search_evaluations": self.progress.search_records,
             "search_examples": self.progress.examples,

@@ -144,7 +144,10 @@ def _results_section(recipe: Recipe) -> str:
     res = recipe.results
     assert res is not None
     note = f"Test split, `{res.metric}`"
-    if res.search_metric != res.metric:
+    dev = res.dev_metric or res.search_metric
+    if dev != res.search_metric:
+        note += f"; dev in `{dev}`; search in `{res.search_metric}`"
+    elif res.search_metric != res.metric:
         note += f"; dev and search in `{res.search_metric}`"
     note += ". The chosen candidate (this checkpoint) is in bold."
     rows = []

@@ -64,6 +64,7 @@ class Results(_Frozen):
     scorer: str
     metric: str
     search_metric: str
+    dev_metric: str | None = None  # when it differs from the search's (a fitness kind)
     splits: dict[str, int]
     rows: list[ResultRow]
 
@@ -121,6 +122,7 @@ def results_from_summary(summary: dict[str, Any], task: Any) -> Results:
         scorer=task.scorer,
         metric=summary["metric"],
         search_metric=summary.get("search_metric") or summary["metric"],
+        dev_metric=summary.get("dev_metric"),
         splits={"search": task.splits.search, "dev": task.splits.dev, "test": task.splits.test},
         rows=rows,
     )

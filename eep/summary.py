@@ -69,8 +69,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"top-{summary['top_k']}, test split",
     ]
     metric, searched = summary.get("metric"), summary.get("search_metric")
-    if metric and searched and metric != searched:
-        lines.append(f"test in {metric}; dev and search in {searched}")
+    # A fitness kind other than accuracy scores search only; dev keeps the task's search metric.
+    dev = summary.get("dev_metric", searched)
+    if metric and searched and (metric != searched or dev != searched):
+        if dev == searched:
+            lines.append(f"test in {metric}; dev and search in {searched}")
+        else:
+            lines.append(f"test in {metric}; dev in {dev}; search in {searched}")
     rows = method_rows(summary)
     width = max([24, *(len(r["label"]) + 1 for r in rows)])
     lines.append(f"{'method':<{width}} {'test':>7} {'dev':>7} {'search':>7} {'evals':>6}")

@@ -170,6 +170,10 @@ def test_summary_names_the_search_metric_when_it_differs(tmp_path, model_dir):
                          quiet=True, pool=FakePool(1))
     assert dense.summary["search_metric"] == "char_similarity"
     assert "test in exact_match; dev and search in char_similarity" in dense.table
+    forced = run_campaign(make_config(model_dir, tmp_path / "c", fitness="likelihood", budget={"max_evaluations": 8}),
+                          quiet=True, pool=FakePool(1))
+    assert (forced.summary["search_metric"], forced.summary["dev_metric"]) == ("loglik", "exact_match")
+    assert "test in exact_match; dev in exact_match; search in loglik" in forced.table
 
 
 @pytest.mark.parametrize("kind", ["random", "coordinate_descent"])
