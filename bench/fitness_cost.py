@@ -101,8 +101,9 @@ def rank_task(args: tuple[str, str, int, list[str], int, int, int]) -> dict:
         rows["test"].append(test.evaluate(cand).score)
         # The floor: surgery + one batched forward over the teacher-forced rows, no scoring.
         start = time.perf_counter()
-        forced.surgery.apply(cand)
+        # Inference mode as in the Evaluator: its working tensors are inference tensors.
         with torch.inference_mode():
+            forced.surgery.apply(cand)
             for b in forced._batches:
                 loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                              position_ids=b.position_ids, use_cache=False, logits_to_keep=1)
