@@ -280,3 +280,23 @@ def test_deepseek_grouped_routing_refuses_bad_keep():
     v2 = Surgery(tiny_model("deepseek_v2"))  # 16 experts, group_limited_greedy, n_group = 4
     with pytest.raises(CandidateError, match="group_limited_greedy.*multiple of n_group=4"):
         v2.apply(merged_candidate(v2, keep=6, mapping="probs"))
+
+
+def test_apply_outside_inference_mode_after_an_evaluator_applied_inside_it():
+    """The Evaluator applies under inference mode; a later plain apply must still write the tensors."""
+    from eep.fitness import Evaluator
+
+    evaluator = Evaluator("builtin:tiny-moe", "add", "search", max_examples=4)
+    base = Candidate.random_pruning(4, 8, 2, generator=1)
+    merged = Candidate(router_map=[r * 0.9 + 0.1 / 8 for r in base.router_map],
+                       expert_merge=base.expert_merge, num_experts=8)
+    evaluator.evaluate(merged)  # working tensors and the mapped router made in inference mode
+    evaluator.surgery.apply(base)
+    evaluator.surgery.apply(merged)  # raised "Inplace update to inference tensor" before
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        logits = evaluator.model(input_ids=ids).logits
+    with torch.inference_mode():
+        evaluator.surgery.apply(merged)
+        again = evaluator.model(input_ids=ids).logits
+    assert torch.equal(logits, again)

@@ -207,34 +207,42 @@ class Surgery:
                 requires_grad=False,
             )
 
-        work = _Working(
-            keep=keep,
-            gate_up=empty(orig.gate_up),
-            down=empty(orig.down),
-            gate_weight=empty(orig.gate_weight),
-            score_bias=None if orig.score_bias is None else empty(orig.score_bias).data,
-        )
+        # Normal tensors even when the first apply runs under the Evaluator's inference mode, so
+        # a later apply outside it (no_grad) may still write into them.
+        with torch.inference_mode(False):
+            work = _Working(
+                keep=keep,
+                gate_up=empty(orig.gate_up),
+                down=empty(orig.down),
+                gate_weight=empty(orig.gate_weight),
+                score_bias=None if orig.score_bias is None else empty(orig.score_bias).data,
+            )
         self._working[i] = work
         return work
 
     def _mapped_router(self, i: int, work: _Working) -> ProbabilityMappedRouter:
         if work.mapped_router is None:
             orig = self._originals[i]
-            router = ProbabilityMappedRouter(
-                hidden_dim=orig.gate_weight.shape[1],
-                num_router_experts=self.num_experts,
-                keep=work.keep,
-                top_k=self.top_k,
-                routing=self.routing,
-                dtype=orig.gate_weight.dtype,
-                device=work.gate_up.device,
-            )
-            # Share the original gate's storage: the mapping never changes G.
-            router.weight = nn.Parameter(
-                orig.gate_weight.data.to(work.gate_up.device), requires_grad=False
-            )
+            with torch.inference_mode(False):  # as in _working_for
+                router = self._new_mapped_router(orig, work)
             work.mapped_router = router
         return work.mapped_router
+
+    def _new_mapped_router(self, orig: _Originals, work: _Working) -> ProbabilityMappedRouter:
+        router = ProbabilityMappedRouter(
+            hidden_dim=orig.gate_weight.shape[1],
+            num_router_experts=self.num_experts,
+            keep=work.keep,
+            top_k=self.top_k,
+            routing=self.routing,
+            dtype=orig.gate_weight.dtype,
+            device=work.gate_up.device,
+        )
+        # Share the original gate's storage: the mapping never changes G.
+        router.weight = nn.Parameter(
+            orig.gate_weight.data.to(work.gate_up.device), requires_grad=False
+        )
+        return router
 
 
 def _combine(
