@@ -154,3 +154,26 @@ def test_campaign_export_has_the_test_table_and_rebuilds(campaign_run, tmp_path)
     assert main(["export", "--recipe", str(run_dir / "model" / RECIPE_FILE),
                  "--out", str(tmp_path / "again")]) == 0
     assert files_of(run_dir / "model") == files_of(tmp_path / "again")
+
+
+@pytest.mark.parametrize(
+    ("search", "dev", "note"),
+    [
+        ("exact_match", None, "Test split, `exact_match`. "),
+        ("char_similarity", None, "Test split, `exact_match`; dev and search in `char_similarity`."),
+        ("loglik", "exact_match", "Test split, `exact_match`; dev in `exact_match`; search in `loglik`."),
+    ],
+)
+def test_card_names_the_dev_and_search_metrics(search, dev, note):
+    from eep.recipe import ResultRow, Results
+
+    cand = Candidate.from_kept([[0, 1], [2, 5]], 8)
+    results = Results(
+        task="add", scorer="generate", metric="exact_match", search_metric=search, dev_metric=dev,
+        splits={"search": 64, "dev": 64, "test": 200},
+        rows=[ResultRow(label="EEP", row="eep", test=0.9, dev=0.9, search=-0.1, evaluations=401, chosen=True)],
+    )
+    recipe = Recipe(eep_version="0.1.0", base_model="builtin:deep-moe", candidate=CANDIDATE_FILE,
+                    candidate_hash=cand.content_hash(), results=results)
+    facts = ExportFacts(family="mixtral", num_experts=8, keep=2, top_k=2, stock=True, parameters=10**6)
+    assert note in render_card(recipe, cand, facts)
