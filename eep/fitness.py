@@ -29,8 +29,9 @@ import inspect
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -41,7 +42,6 @@ from eep.forced import (
     FITNESS_KINDS,
     FORCED_METRICS,
     Reference,
-    answer_logprobs,
     gold_continuation,
     kl_per_row,
 )
@@ -57,6 +57,7 @@ from eep.tasks.scorers import aggregate, make_scorer, split_metric
 from eep.tasks.spec import DEFAULT_MAX_NEW_TOKENS, TaskSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BATCH_SIZE = 32  # rows per forward (the EEP authors' generation batch)
 
@@ -262,26 +263,13 @@ class Evaluator:
         outputs: list = [None] * len(self.examples)
         tokens = 0
         bound = None
-        j = 0
-        while j < len(self._batches):
-            batch = self._batches[j]
-            try:
-                results, used = self._run(batch)
-                failed = False
-            except Exception as exc:
-                if not is_out_of_memory(exc) or len(batch.items) == 1:
-                    raise
-                failed = True
-            if failed:
-                # Outside the except block: the failed batch's tensors are free by now.
-                self._shrink_from(j)
-                continue
+        for j, (batch, (results, used)) in enumerate(self._each_batch(self._run)):
             for item, (metrics, output) in zip(batch.items, results, strict=True):
                 scored[item.index] = metrics
                 outputs[item.index] = output
             tokens += used
-            j += 1
-            at_slice_end = j == len(self._batches) or self._batches[j].slice != batch.slice
+            last = j + 1 == len(self._batches)
+            at_slice_end = last or self._batches[j + 1].slice != batch.slice
             if checking and at_slice_end and len(scored) < len(self.examples):
                 hits = [m[self.metric] for m in scored.values()]
                 bound = self.rejection.upper_bound(hits, len(self.examples))
@@ -307,6 +295,29 @@ class Evaluator:
             bound=bound if checking else None,
         )
 
+    def _each_batch(self, work: Callable[[_Batch], T]) -> Iterator[tuple[_Batch, T]]:
+        """(batch, work(batch)) for every batch in order; an out-of-memory halves the batches left.
+
+        The batch that failed runs again after re-batching (`_shrink_from`); a single example that
+        does not fit raises. Batch j of the iteration is `self._batches[j]` as it stands then.
+        """
+        j = 0
+        while j < len(self._batches):
+            batch = self._batches[j]
+            try:
+                out = work(batch)
+                failed = False
+            except Exception as exc:
+                if not is_out_of_memory(exc) or len(batch.items) == 1:
+                    raise
+                failed = True
+            if failed:
+                # Outside the except block: the failed batch's tensors are free by now.
+                self._shrink_from(j)
+                continue
+            yield batch, out
+            j += 1
+
     def _run(self, batch: _Batch) -> tuple[list[tuple[dict[str, float], object]], int]:
         """(metrics, raw output) per example of the batch, and the tokens processed."""
         if self.fitness == "likelihood":
@@ -324,19 +335,9 @@ class Evaluator:
 
     def _forced_loglik(self, batch: _Batch) -> tuple[list[float], int]:
         """Mean log-probability of each row's gold answer tokens."""
-        lengths = batch.option_lengths
-        longest = int(lengths.max())
-        width = batch.input_ids.shape[1]
-        kwargs = {"logits_to_keep": longest + 1} if self._keeps_logits else {}
-        logits = self.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            **kwargs,
-        ).logits[:, -(longest + 1) : -1]
-        targets = batch.input_ids[:, width - longest :].to(logits.device)
-        return answer_logprobs(logits, targets, lengths.to(logits.device)), batch.tokens
+        sums = self._option_logprob_sums(batch)
+        lengths = batch.option_lengths.to(sums.device).double().clamp(min=1)
+        return (sums / lengths).tolist(), batch.tokens
 
     def _full_logits(self, batch: _Batch) -> torch.Tensor:
         return self.model(
@@ -358,25 +359,24 @@ class Evaluator:
         self.surgery.restore()
         set_skipping(self.model, None)
         reference: dict[int, Reference] = {}
-        j = 0
-        while j < len(self._batches):
-            batch = self._batches[j]
-            try:
-                logits = self._full_logits(batch)
-            except Exception as exc:
-                if not is_out_of_memory(exc) or len(batch.items) == 1:
-                    raise
-                self._shrink_from(j)
-                continue
+        for batch, logits in self._each_batch(self._full_logits):
             for row, item in enumerate(batch.items):
                 reference[item.index] = Reference.of_row(
                     logits[row], batch.attention_mask[row], self.kl_top
                 )
-            j += 1
         self._reference = reference
 
     def _score_choices(self, batch: _Batch) -> tuple[list[list[float]], int]:
         """Summed log-probability of every option's tokens, per example of the batch."""
+        sums = self._option_logprob_sums(batch).tolist()
+        out, row = [], 0
+        for item in batch.items:
+            out.append(sums[row : row + len(item.option_ids)])
+            row += len(item.option_ids)
+        return out, batch.tokens
+
+    def _option_logprob_sums(self, batch: _Batch) -> torch.Tensor:
+        """Per row, the float64 sum of the log-probabilities of its option (or gold answer) tokens."""
         lengths = batch.option_lengths  # [rows]
         longest = int(lengths.max())
         width = batch.input_ids.shape[1]
@@ -398,12 +398,7 @@ class Evaluator:
         picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [rows, longest]
         columns = torch.arange(longest, device=picked.device)
         in_option = columns[None, :] >= (longest - lengths)[:, None]
-        sums = torch.where(in_option, picked, 0.0).double().sum(dim=1).tolist()
-        out, row = [], 0
-        for item in batch.items:
-            out.append(sums[row : row + len(item.option_ids)])
-            row += len(item.option_ids)
-        return out, batch.tokens
+        return torch.where(in_option, picked, 0.0).double().sum(dim=1)
 
     def _generate(self, batch: _Batch) -> tuple[list[str], int]:
         """Greedy continuations (decoded, without special tokens) of the batch's prompts."""

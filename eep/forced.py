@@ -2,7 +2,9 @@
 
 - `likelihood` (metric `loglik`): the mean log-probability of the gold answer's tokens given the
   prompt (generation tasks: the first accepted answer; multiple choice: the correct option),
-  averaged over examples. Nats, <= 0, higher is better.
+  averaged over examples. Nats, <= 0, higher is better. The Evaluator scores it with the same
+  option log-probability sums as multiple choice (`Evaluator._option_logprob_sums`), divided by
+  the answer's length.
 - `kl` (metric `neg_kl`): minus the mean KL(full || candidate) of the next-token distributions
   at every position of prompt + gold answer (each position that predicts a token of the row),
   averaged per example and then over examples. The labels are only used to build the rows, so
@@ -30,23 +32,6 @@ def gold_continuation(example) -> str:
     if not example.answers:
         raise ValueError(f"example {example.id!r} has no gold answer to teacher-force")
     return example.answers[0]
-
-
-def answer_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor
-) -> list[float]:
-    """Mean log-probability per row of its last `lengths[r]` target tokens.
-
-    `logits` [rows, L, V] predict `targets` [rows, L] (rows right-aligned: a row's answer is its
-    last tokens).
-    """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [rows, L]
-    longest = targets.shape[1]
-    columns = torch.arange(longest, device=picked.device)
-    inside = columns[None, :] >= (longest - lengths)[:, None]
-    sums = torch.where(inside, picked, 0.0).double().sum(dim=1)
-    return (sums / lengths.double().clamp(min=1)).tolist()
 
 
 @dataclass
