@@ -40,22 +40,29 @@ def real_run(tmp_path_factory):
     tests read what `eep.campaign` really writes (schema drift fails them), not a hand-made copy.
     Made once per session (about ten seconds).
     """
+    root = tmp_path_factory.mktemp("real-campaign")
+    save_tiny_model(root / "model", "mixtral", num_layers=2)
+    strategy = {"kind": "eep", "init_population": 4, "discrete_iter": 10, "total_iter": 19}
+    output = {"run_dir": str(root / "real-tiny"), "export": False, "checkpoint_every": 5}
+    return run_tiny_campaign("real-tiny", str(root / "model"), strategy, output)
+
+
+def run_tiny_campaign(name: str, model: str, strategy: dict, output: dict):
+    """A real in-process campaign on `compare` (8 examples per split), keep 4, seed 0."""
     from eep.campaign import run_campaign  # noqa: PLC0415
     from eep.config import config_from_dict  # noqa: PLC0415
 
-    root = tmp_path_factory.mktemp("real-campaign")
-    save_tiny_model(root / "model", "mixtral", num_layers=2)
     config = config_from_dict({
-        "name": "real-tiny",
-        "model": str(root / "model"),
+        "name": name,
+        "model": model,
         "task": {"name": "compare", "source": {"kind": "builtin", "name": "compare"},
                  "splits": {"search": 8, "dev": 8, "test": 8}},
         "keep": 4,
-        "strategy": {"kind": "eep", "init_population": 4, "discrete_iter": 10, "total_iter": 19},
+        "strategy": strategy,
         "final": {"random_baselines": 2, "dev_top": 2},
         "workers": 0,
         "evaluation": {"device": "cpu", "threads": 1},
         "seed": 0,
-        "output": {"run_dir": str(root / "real-tiny"), "export": False, "checkpoint_every": 5},
+        "output": output,
     })
     return run_campaign(config, quiet=True)

@@ -114,24 +114,11 @@ def test_recipe_refuses_a_changed_candidate_and_its_own_folder(base, tmp_path, c
 @pytest.fixture(scope="module")
 def campaign_run(base, tmp_path_factory):
     """A real EEP campaign on the tiny Mixtral that exports its choice."""
-    from eep.campaign import run_campaign  # noqa: PLC0415
-    from eep.config import config_from_dict  # noqa: PLC0415
+    from conftest import run_tiny_campaign  # noqa: PLC0415
 
     root = tmp_path_factory.mktemp("campaign")
-    config = config_from_dict({
-        "name": "card-tiny",
-        "model": base,
-        "task": {"name": "compare", "source": {"kind": "builtin", "name": "compare"},
-                 "splits": {"search": 8, "dev": 8, "test": 8}},
-        "keep": 4,
-        "strategy": {"kind": "eep", "init_population": 4, "discrete_iter": 6, "total_iter": 10},
-        "final": {"random_baselines": 2, "dev_top": 2},
-        "workers": 0,
-        "evaluation": {"device": "cpu", "threads": 1},
-        "seed": 0,
-        "output": {"run_dir": str(root / "run"), "export": True},
-    })
-    return run_campaign(config, quiet=True)
+    strategy = {"kind": "eep", "init_population": 4, "discrete_iter": 6, "total_iter": 10}
+    return run_tiny_campaign("card-tiny", base, strategy, {"run_dir": str(root / "run"), "export": True})
 
 
 @pytest.mark.slow
