@@ -34,7 +34,8 @@ class Candidate:
     """Router-mapping and expert-merging matrices for every MoE layer, plus metadata.
 
     `router_map[l]` and `expert_merge[l]` are float32 tensors of shape [keep_l, num_experts].
-    `top_k` overrides the model's number of active experts per token when set.
+    `top_k` overrides the model's number of active experts per token when set; a layer that
+    keeps fewer experts than that routes every token to all of them (a per-layer budget).
     `router_mapping` is "probs" (the EEP authors' mapping of post-softmax probabilities) or
     "logits" (the gate becomes R @ G). `id`, `phase` and `parents` describe where the candidate
     came from and do not enter its content hash.
@@ -125,11 +126,6 @@ class Candidate:
             if keep < 1 or keep > self.num_experts:
                 raise CandidateError(
                     f"layers.{layer}: keep={keep} must be in 1..num_experts={self.num_experts}"
-                )
-            if self.top_k is not None and keep < self.top_k:
-                raise CandidateError(
-                    f"layers.{layer}: keep={keep} is smaller than top_k={self.top_k}: "
-                    "a token cannot use more experts than the layer keeps"
                 )
         if self.top_k is not None and self.top_k < 1:
             raise CandidateError(f"top_k must be >= 1, got {self.top_k}")

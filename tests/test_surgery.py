@@ -262,8 +262,41 @@ def test_errors_name_the_problem():
         surgery.apply(Candidate.from_kept([[0, 1]] * 2, 8))
     with pytest.raises(CandidateError, match="model has 8"):
         surgery.apply(Candidate.from_kept([[0, 1]] * 3, 6))
-    with pytest.raises(CandidateError, match="smaller than the model's top_k=2"):
-        surgery.apply(Candidate.from_kept([[0]] * 3, 8))
+
+
+def test_a_layer_keeping_fewer_experts_than_top_k_routes_to_all_of_them():
+    """Per-layer budgets: a one-expert layer of a top-2 model is that expert with weight 1."""
+    torch.manual_seed(0)
+    model = tiny_model("mixtral")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    surgery = Surgery(model)
+    kept = [[3], [1, 5], [0, 2, 7]]
+    surgery.apply(Candidate.from_kept(kept, 8))
+    assert [layer.gate.top_k for layer in surgery.layers] == [1, 2, 2]
+    with torch.no_grad():
+        got = model(ids).logits
+    # The same function by hand: the lone expert's output replaces the layer's mixture.
+    surgery.restore()
+    layer = surgery.layers[0]
+    with torch.no_grad():
+        experts = layer.experts
+        original = layer.block.forward
+
+        def lone_expert(hidden):
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            index = torch.full((flat.shape[0], 1), 3)
+            weight = torch.ones(flat.shape[0], 1)
+            return experts(flat, index, weight).reshape(hidden.shape)
+
+        layer.block.forward = lone_expert
+        surgery_rest = Candidate.from_kept([list(range(8)), [1, 5], [0, 2, 7]], 8)
+        surgery.apply(surgery_rest)
+        layer.experts.gate_up_proj = surgery._originals[0].gate_up
+        layer.experts.down_proj = surgery._originals[0].down
+        layer.experts.num_experts = 8
+        want = model(ids).logits
+        layer.block.forward = original
+    torch.testing.assert_close(got, want)
 
 
 def test_deepseek_grouped_routing_refuses_bad_keep():

@@ -68,6 +68,8 @@ class _SkippingForward:
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args, **kwargs):
         experts = self._experts()
         forward = type(experts).forward
+        if top_k_weights.shape[-1] == 1:  # a layer keeping one expert: nothing to skip
+            return forward(experts, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         if top_k_weights.shape[-1] != 2:
             raise SkippingError(f"dynamic skipping needs top-2 routing, got top-{top_k_weights.shape[-1]}")
         first = top_k_weights.argmax(dim=-1, keepdim=True)  # [N, 1]

@@ -82,13 +82,7 @@ class Surgery:
     def check(self, candidate: Candidate) -> None:
         """Raise CandidateError when the candidate does not fit this model."""
         candidate.validate(num_layers=self.num_layers, num_experts=self.num_experts)
-        top_k = candidate.top_k or self.top_k
         for layer, keep in enumerate(candidate.keep_per_layer):
-            if keep < top_k:
-                raise CandidateError(
-                    f"layers.{layer}: keep={keep} is smaller than the model's top_k={top_k}; "
-                    "set the candidate's top_k (active experts) to at most keep"
-                )
             refusal = self.routing.keep_refusal(keep)
             if refusal is not None:
                 raise CandidateError(
@@ -117,6 +111,8 @@ class Surgery:
         for i, (layer, orig) in enumerate(zip(self.layers, self._originals, strict=True)):
             merge, router_map = candidate.expert_merge[i], candidate.router_map[i]
             keep = merge.shape[0]
+            # A layer keeping fewer experts than top_k routes every token to all of them.
+            layer_top_k = min(top_k, keep)
             work = self._working_for(i, keep)
             _combine(merge, orig.gate_up, work.gate_up)
             _combine(merge, orig.down, work.down)
@@ -126,7 +122,7 @@ class Surgery:
             if mapped:
                 router = self._mapped_router(i, work)
                 router.router_map.copy_(router_map)
-                router.top_k = top_k
+                router.top_k = layer_top_k
                 layer.block.gate = router
             else:
                 _combine(router_map, orig.gate_weight, work.gate_weight, float32=True)
@@ -136,10 +132,10 @@ class Surgery:
                     _combine(router_map, orig.score_bias, work.score_bias, float32=True)
                     gate.e_score_correction_bias = work.score_bias
                 gate.num_experts = keep
-                gate.top_k = top_k
+                gate.top_k = layer_top_k
                 layer.block.gate = gate
             if hasattr(layer.block, "top_k"):
-                layer.block.top_k = top_k
+                layer.block.top_k = layer_top_k
             if release_originals:
                 # The model now holds the merged tensors; drop our references to the rest.
                 self._originals[i] = None  # type: ignore[call-overload]
