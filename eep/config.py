@@ -79,6 +79,21 @@ class FitnessSettings(_Frozen):
         return {"kind": data} if isinstance(data, str) else data
 
 
+class PolishSettings(_Frozen):
+    """Gradient polishing of a candidate's R and M coefficients (eep.polish), experts frozen."""
+
+    steps: int = Field(default=200, ge=1, description="optimizer steps (Adam)")
+    lr: float = Field(default=0.01, gt=0, description="Adam learning rate on the coefficients")
+    batch_size: int = Field(default=16, ge=1, description="rows (prompt + gold answer) per step")
+    tune: list[Literal["merge", "router"]] = Field(
+        default=["merge", "router"], min_length=1,
+        description="which coefficients move: merge (M), router (R)",
+    )
+    kl_top: int = Field(default=64, ge=1, description="tokens kept per position of the full model")
+    max_seconds: float | None = Field(default=None, gt=0, description="stop polishing after this")
+    seed: int = Field(default=0, description="row order of the steps")
+
+
 class Resources(_Frozen):
     """What one evaluation worker (one model replica) asks of the cluster."""
 
@@ -134,6 +149,9 @@ class CampaignConfig(_Frozen):
         "frequency, soft_activation, reap, random) run on the task's search split first",
     )
     fitness: FitnessSettings = FitnessSettings()
+    polish: PolishSettings | None = Field(
+        default=None, description="null: no polishing; else polish the chosen candidate (eep.polish)"
+    )
     budget: Budget = Budget()
     workers: int = Field(default=0, ge=0, description="0: in-process; N: N Ray actors")
     ray_address: str | None = Field(default=None, description="Ray cluster address (auto in a job)")
@@ -154,6 +172,12 @@ class CampaignConfig(_Frozen):
             return resolve_task(value)
         except TaskError as exc:
             raise ValueError(str(exc)) from exc
+
+    @field_validator("polish", mode="before")
+    @classmethod
+    def _polish_switch(cls, value: Any) -> Any:
+        # `polish: true` is short for the defaults, `polish: false` for none.
+        return {} if value is True else None if value is False else value
 
     @model_validator(mode="before")
     @classmethod
