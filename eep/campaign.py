@@ -113,6 +113,7 @@ class Campaign:
         """Model shape, strategy (with its seeds) and replay of the run directory."""
         self.shape = model_shape(load_model_config(self.config.model, self.config.trust_remote_code))
         self.entry = registry.entry_for(self.config.strategy)
+        self.budget = self.config.strategy.keep_budget(self.shape.num_moe_layers, self.shape.num_experts)
         self.strategy: BaseStrategy = build_strategy(
             self.config.strategy,
             self.shape.num_moe_layers,
@@ -121,7 +122,7 @@ class Campaign:
             model_id=self.config.model,
             # Files, or one-shot method names run on the task's search split (eep.oneshot).
             init_from=seed_candidates(
-                self.config.init_from, self.config.model, self.config.task, self.config.keep,
+                self.config.init_from, self.config.model, self.config.task, self.budget,
                 self.runlog.path, top_k=self.config.top_k, seed=self.config.seed,
                 device=self.config.evaluation.device, dtype=self.config.evaluation.dtype,
                 trust_remote_code=self.config.trust_remote_code,
@@ -300,8 +301,7 @@ class Campaign:
         scorer = SplitScorer(self.runlog, lambda: self.pool, self.metrics)
         search_records = [r for r in self.runlog.records if r["split"] == "search"]
         baselines = random_baselines(
-            cfg.final.random_baselines, self.shape.num_moe_layers, self.shape.num_experts,
-            cfg.keep, cfg.top_k, cfg.seed, cfg.model,
+            cfg.final.random_baselines, self.budget, cfg.top_k, cfg.seed, cfg.model,
         )
         finale = run_finale(
             self.strategy, self.entry, scorer, cfg.final.dev_top, search_records, baselines
@@ -310,7 +310,8 @@ class Campaign:
             "name": cfg.name,
             "model": cfg.model,
             "task": cfg.task.name,
-            "keep": cfg.keep,
+            "keep": cfg.keep if self.budget.is_uniform else round(self.budget.mean, 3),
+            **({} if self.budget.is_uniform else {"keep_budget": self.budget.describe()}),
             "num_experts": self.shape.num_experts,
             "top_k": cfg.top_k or self.shape.top_k,
             "strategy": cfg.strategy.kind,

@@ -4,6 +4,8 @@
     model: builtin:tiny-moe
     task: add                  # a built-in/shipped task name, a task YAML path, or an inline spec
     keep: 4                    # experts kept per MoE layer
+    keep_min: null             # with keep_min/keep_max (or keep_total): a global budget of
+    keep_max: null             #   keep x layers experts, each layer keeping keep_min..keep_max
     top_k: null                # active experts per token (null: the model's)
     router_mapping: probs      # probs (the EEP authors') | logits
     strategy: {kind: eep, total_iter: 150, ...}   # eep | random | coordinate_descent
@@ -31,7 +33,7 @@ from eep.search.registry import StrategySettings
 from eep.tasks.registry import resolve_task
 from eep.tasks.spec import TaskError, TaskSpec, format_validation_error
 
-_SHARED_SEARCH_FIELDS = ("keep", "top_k", "router_mapping", "groups")
+_SHARED_SEARCH_FIELDS = ("keep", "keep_total", "keep_min", "keep_max", "top_k", "router_mapping", "groups")
 
 
 class ConfigError(ValueError):
@@ -138,7 +140,10 @@ class CampaignConfig(_Frozen):
     model: str
     trust_remote_code: bool = False
     task: TaskSpec
-    keep: int = Field(ge=1)
+    keep: int | None = Field(default=None, ge=1, description="experts kept per MoE layer (or the mean)")
+    keep_total: int | None = Field(default=None, ge=1, description="global budget: experts over all layers")
+    keep_min: int | None = Field(default=None, ge=1, description="global budget: fewest experts per layer")
+    keep_max: int | None = Field(default=None, ge=1, description="global budget: most experts per layer")
     top_k: int | None = Field(default=None, ge=1)
     router_mapping: Literal["probs", "logits"] = "probs"
     groups: Any = "per_layer"

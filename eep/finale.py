@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from eep.candidate import Candidate
@@ -23,6 +24,7 @@ from eep.metrics import CampaignMetrics
 from eep.records import FULL_ID, evaluation_record
 from eep.runlog import RunLog
 from eep.search.base import BaseStrategy
+from eep.search.budget import KeepBudget
 from eep.search.registry import Ranked, StrategyEntry
 from eep.summary import FULL_KEY, FULL_LABEL, RANDOM_KEY, RANDOM_LABEL
 
@@ -102,17 +104,29 @@ def choose_on_dev(ranked: Ranked, scorer: SplitScorer) -> tuple[Candidate, float
 
 
 def random_baselines(
-    count: int, num_layers: int, num_experts: int, keep: int, top_k: int | None, seed: int, model: str
+    count: int, budget: KeepBudget, top_k: int | None, seed: int, model: str
 ) -> list[Candidate]:
-    """The random pure-pruning candidates scored on test as the random-pruning reference."""
+    """The random pure-pruning candidates scored on test as the random-pruning reference.
+
+    Under a global budget each baseline also draws its per-layer counts at random.
+    """
     generator = torch.Generator().manual_seed(seed + _BASELINE_SEED_OFFSET)
-    return [
-        Candidate.random_pruning(
-            num_layers, num_experts, keep, generator,
-            top_k=top_k, id=f"random-baseline-{i:02d}", phase="baseline", model_id=model,
-        )
-        for i in range(count)
-    ]
+    meta = {"top_k": top_k, "phase": "baseline", "model_id": model}
+    if budget.is_uniform:
+        return [
+            Candidate.random_pruning(
+                budget.num_layers, budget.num_experts, budget.low, generator,
+                id=f"random-baseline-{i:02d}", **meta,
+            )
+            for i in range(count)
+        ]
+    rng = np.random.default_rng(seed + _BASELINE_SEED_OFFSET)
+    out = []
+    for i in range(count):
+        kept = [sorted(int(e) for e in rng.choice(budget.num_experts, size=k, replace=False))
+                for k in budget.random_allocation(rng)]
+        out.append(Candidate.from_kept(kept, budget.num_experts, id=f"random-baseline-{i:02d}", **meta))
+    return out
 
 
 def run_finale(

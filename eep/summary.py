@@ -64,8 +64,9 @@ def chosen_method(summary: dict[str, Any]) -> dict[str, Any] | None:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary table (test split) as aligned text."""
+    kept = summary.get("keep_budget") or f"keep {summary['keep']}"
     lines = [
-        f"{summary['task']}: keep {summary['keep']} of {summary['num_experts']} experts, "
+        f"{summary['task']}: {kept} of {summary['num_experts']} experts, "
         f"top-{summary['top_k']}, test split",
     ]
     metric, searched = summary.get("metric"), summary.get("search_metric")

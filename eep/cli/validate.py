@@ -31,9 +31,12 @@ def check_campaign(config: CampaignConfig) -> None:
     for entry in config.init_from:
         if entry in METHODS:
             # A stand-in of the right shape: the one-shot method itself needs the weights.
+            budget = config.strategy.keep_budget(shape.num_moe_layers, shape.num_experts)
             seeds.append(Candidate.random_pruning(
-                shape.num_moe_layers, shape.num_experts, min(config.keep, shape.num_experts), len(seeds),
+                shape.num_moe_layers, shape.num_experts, min(budget.low, shape.num_experts), len(seeds),
                 top_k=config.top_k,
+            ) if budget.is_uniform else Candidate.from_kept(
+                [list(range(k)) for k in budget.even_allocation()], shape.num_experts, top_k=config.top_k,
             ))
         elif not Path(entry).is_file():
             raise ValueError(
@@ -47,7 +50,9 @@ def check_campaign(config: CampaignConfig) -> None:
         model_id=config.model, init_from=seeds,
     )
     top_k = config.top_k or shape.top_k
-    if config.keep < top_k:
+    if config.strategy.global_budget:
+        config.strategy.keep_budget(shape.num_moe_layers, shape.num_experts)  # fits this model?
+    elif config.keep < top_k:
         raise ValueError(f"keep={config.keep} is smaller than top_k={top_k}: a token cannot use more "
                          "experts than a layer keeps")
 
@@ -58,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
     check_campaign(config)
     if args.print:
         print(config.to_yaml(), end="")
-    print(f"{args.config}: ok ({config.strategy.kind}, keep {config.keep}, task {config.task.name})")
+    kept = f"keep {config.keep}" if not config.strategy.global_budget else "a global expert budget"
+    print(f"{args.config}: ok ({config.strategy.kind}, {kept}, task {config.task.name})")
     return 0

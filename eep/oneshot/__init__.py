@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from eep.candidate import Candidate
@@ -31,6 +32,7 @@ from eep.oneshot.calibration import (
 from eep.oneshot.criteria import CRITERIA, CriteriaScores, criteria_scores, random_candidate
 from eep.oneshot.naee import DEFAULT_MAX_SUBSETS, NAEEResult, naee_prune
 from eep.oneshot.skipping import DEFAULT_QUANTILE, calibrate_thresholds, with_skip_thresholds
+from eep.search.budget import KeepBudget
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class OneShotResult:
 def oneshot_prune(
     model: str | LoadedModel,
     method: str,
-    keep: int,
+    keep: int | KeepBudget,
     calibration: CalibrationSpec | None = None,
     *,
     order: str = "layerwise",
@@ -77,12 +79,16 @@ def oneshot_prune(
     dtype: str = "auto",
     trust_remote_code: bool = False,
 ) -> OneShotResult:
-    """Prune `model` to `keep` experts per MoE layer with `method`; see the module docstring."""
+    """Prune `model` to `keep` experts per MoE layer (or a global budget) with `method`; see the module docstring."""
+    if isinstance(keep, KeepBudget) and keep.is_uniform:
+        keep = keep.low
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
     if calibration is None and (method != "random" or skip):
         raise ValueError(f"method {method!r}{' with skipping' if skip else ''} needs calibration data")
-    _check_arguments(model, keep, top_k, skip, skip_quantile, beam_width, max_subsets, trust_remote_code)
+    budget = keep if isinstance(keep, KeepBudget) else None
+    _check_arguments(model, budget.low if budget else keep, top_k, skip, skip_quantile, beam_width, max_subsets,
+                     trust_remote_code, per_layer=budget is not None)
     start = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, trust_remote_code=trust_remote_code)
     net = loaded.model
@@ -94,7 +100,10 @@ def oneshot_prune(
     naee: NAEEResult | None = None
     scores: CriteriaScores | None = None
     thresholds: list[float] | None = None
-    if method == "random":
+    if budget is not None:
+        candidate, naee, scores = _budget_prune(net, data, method, budget, seed, loaded.spec, order, beam_width,
+                                                 max_subsets, described)
+    elif method == "random":
         candidate = random_candidate(num_layers, num_experts, keep, seed, model_id=loaded.spec)
     elif method == "naee":
         naee = naee_prune(net, data, keep, order=order, max_subsets=max_subsets, beam_width=beam_width)
@@ -114,7 +123,7 @@ def oneshot_prune(
             surgery.restore()
         candidate = with_skip_thresholds(candidate, thresholds, skip_quantile)
     seconds = time.perf_counter() - start
-    log.info("%s keep=%d: %s (%.1f s)", method, keep, candidate.kept_experts(), seconds)
+    log.info("%s keep=%s: %s (%.1f s)", method, keep, candidate.kept_experts(), seconds)
     return OneShotResult(
         candidate=candidate,
         seconds=seconds,
@@ -125,9 +134,44 @@ def oneshot_prune(
     )
 
 
+def _budget_prune(
+    net, data: Calibration | None, method: str, budget: KeepBudget, seed: int, model_id: str,
+    order: str, beam_width: int, max_subsets: int, described: dict,
+) -> tuple[Candidate, NAEEResult | None, CriteriaScores | None]:
+    """A one-shot pruning under a global budget: per-layer counts from a criterion ranked across layers.
+
+    Score criteria rank every expert by its share of its layer's score and keep the best `total`
+    within the per-layer bounds. NAEE takes the counts REAP's ranking gives, then its own subset at
+    each count (layers keeping fewer experts than top-k keep REAP's, NAEE's loss needs top-k of them).
+    Random draws a random allocation, then random subsets.
+    """
+    extra = {"method": method, "budget": [budget.total, budget.low, budget.high], **described}
+    if method == "random":
+        rng = np.random.default_rng(seed)
+        kept = [sorted(int(e) for e in rng.choice(budget.num_experts, size=k, replace=False))
+                for k in budget.random_allocation(rng)]
+        return Candidate.from_kept(kept, budget.num_experts, model_id=model_id, phase="oneshot",
+                                   extra=extra | {"seed": seed}), None, None
+    scores = criteria_scores(net, data)
+    naee: NAEEResult | None = None
+    if method != "naee":
+        kept = budget.allocate_by_scores(scores.scores(method))
+        extra["calibration_tokens"] = scores.tokens
+    else:
+        kept = budget.allocate_by_scores(scores.scores("reap"))
+        top_k = int(moe_layers(net)[0].gate.top_k)
+        extra["allocation"] = "reap"
+        for count in sorted({len(k) for k in kept if len(k) >= top_k}):
+            naee = naee_prune(net, data, count, order=order, max_subsets=max_subsets, beam_width=beam_width)
+            kept = [naee.kept[layer] if len(k) == count else k for layer, k in enumerate(kept)]
+        extra["calibration_tokens"] = data.tokens if data is not None else 0
+    budget.check([len(k) for k in kept], f"{method} under a global budget")
+    return Candidate.from_kept(kept, budget.num_experts, model_id=model_id, phase="oneshot", extra=extra), naee, scores
+
+
 def _check_arguments(
     model: str | LoadedModel, keep: int, top_k: int | None, skip: bool, skip_quantile: float,
-    beam_width: int, max_subsets: int, trust_remote_code: bool,
+    beam_width: int, max_subsets: int, trust_remote_code: bool, per_layer: bool = False,
 ) -> None:
     """Refuse what the result would be refused for before the (long) pass over the data."""
     for name, value in (("keep", keep), ("top_k", top_k), ("beam_width", beam_width), ("max_subsets", max_subsets)):
@@ -140,7 +184,7 @@ def _check_arguments(
     if keep > shape.num_experts:
         raise ValueError(f"keep={keep} is more than the model's {shape.num_experts} experts per layer")
     active = top_k if top_k is not None else shape.top_k
-    if keep < active:
+    if keep < active and not per_layer:  # a global budget's small layers route to all they keep
         raise ValueError(
             f"keep={keep} is smaller than top_k={active}{'' if top_k else ' (the model routes each token to that many)'}: "
             "a token cannot use more experts than a layer keeps; keep more or pass a smaller --top-k"
@@ -151,7 +195,7 @@ def seed_candidates(
     entries: Sequence[str],
     model: str,
     task: Any,
-    keep: int,
+    keep: int | KeepBudget,
     out_dir: str | Path,
     top_k: int | None = None,
     seed: int = 0,

@@ -15,6 +15,7 @@ import torch
 
 from eep.candidate import Candidate
 from eep.result import FitnessResult
+from eep.search.budget import BudgetError, KeepBudget
 from eep.search.groups import LayerGroups
 from eep.search.settings import SearchSettings
 from eep.search.state import Evaluated, SearchState, dedup_key
@@ -79,9 +80,10 @@ class BaseStrategy:
         model_id: str = "",
         id_prefix: str = "",
     ) -> None:
-        if settings.keep > num_experts:
+        if settings.keep is not None and settings.keep > num_experts:
             raise ValueError(f"keep={settings.keep} exceeds the model's num_experts={num_experts}")
         self.settings = settings
+        self.budget: KeepBudget = settings.keep_budget(num_layers, num_experts)
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.model_id = model_id
@@ -177,7 +179,7 @@ class BaseStrategy:
             "kind": self.kind,
             "num_layers": self.num_layers,
             "num_experts": self.num_experts,
-            "keep": self.settings.keep,
+            "keep": self._budget_spec(),
             "groups": self.groups.to_spec(),
             "settings": self.settings.model_dump(mode="json"),
             "search": self._state.state_dict(),
@@ -198,7 +200,7 @@ class BaseStrategy:
             "kind": self.kind,
             "num_layers": self.num_layers,
             "num_experts": self.num_experts,
-            "keep": self.settings.keep,
+            "keep": self._budget_spec(),
             "groups": self.groups.to_spec(),
         }
         for key, value in ours.items():
@@ -253,10 +255,23 @@ class BaseStrategy:
         """Candidates asked so far (told + pending)."""
         return len(self._state.archive) + len(self._state.pending)
 
-    def _random_subset(self) -> list[int]:
-        """`keep` distinct experts drawn uniformly, sorted (the authors' init)."""
-        picked = self._rng.choice(self.num_experts, size=self.settings.keep, replace=False)
+    def _budget_spec(self) -> int | list[int]:
+        """The budget as a state dict records it: keep (uniform) or [total, low, high]."""
+        b = self.budget
+        return b.low if b.is_uniform else [b.total, b.low, b.high]
+
+    def _random_subset(self, keep: int | None = None) -> list[int]:
+        """`keep` (default: the uniform keep) distinct experts drawn uniformly, sorted (the authors' init)."""
+        keep = self.budget.low if keep is None else keep
+        picked = self._rng.choice(self.num_experts, size=keep, replace=False)
         return sorted(int(e) for e in picked)
+
+    def _random_pruning(self) -> list[torch.Tensor]:
+        """One group matrix per group: random subsets, of a random allocation under a global budget."""
+        if self.budget.is_uniform:
+            return [self._one_hot(self._random_subset()) for _ in range(self.groups.num_groups)]
+        keeps = self.budget.random_allocation(self._rng)
+        return [self._one_hot(self._random_subset(k)) for k in keeps]
 
     def _one_hot(self, experts: Sequence[int]) -> torch.Tensor:
         """Pure-pruning rows: [len(experts), num_experts] identity rows."""
@@ -298,11 +313,17 @@ class BaseStrategy:
         candidate.validate(num_layers=self.num_layers, num_experts=self.num_experts)
         if not candidate.is_pure_pruning():
             raise ValueError(f"{label} is not pure pruning (one-hot rows, R == M)")
-        keeps = set(candidate.keep_per_layer)
-        if keeps != {self.settings.keep}:
-            raise ValueError(
-                f"{label} keeps {sorted(keeps)} experts per layer, not {self.settings.keep}"
-            )
+        if self.budget.is_uniform:
+            keeps = set(candidate.keep_per_layer)
+            if keeps != {self.budget.low}:
+                raise ValueError(
+                    f"{label} keeps {sorted(keeps)} experts per layer, not {self.budget.low}"
+                )
+        else:
+            try:
+                self.budget.check(candidate.keep_per_layer, label)
+            except BudgetError as exc:
+                raise ValueError(f"{exc} ({self.budget.describe()})") from None
         kept = [sorted(experts) for experts in candidate.kept_experts()]
         out = []
         for g, layers in enumerate(self.groups.members):

@@ -46,6 +46,11 @@ class CoordinateDescent(BaseStrategy):
         id_prefix: str = "",
     ) -> None:
         super().__init__(settings, num_layers, num_experts, seed, model_id, id_prefix)
+        if not self.budget.is_uniform:
+            raise ValueError(
+                "coordinate_descent searches one keep for every layer; a global budget "
+                "(keep_total, keep_min, keep_max) needs strategy eep or random"
+            )
         self.settings: CoordinateDescentSettings = settings
         groups = self.groups.num_groups
         self._start_queue: list[tuple[list[list[int]], str]] = []

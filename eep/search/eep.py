@@ -18,6 +18,7 @@ import torch
 
 from eep.candidate import Candidate
 from eep.search.base import BaseStrategy
+from eep.search.budget import move_slot
 from eep.search.registry import Finalists, StrategyEntry, register
 from eep.search.settings import EEPSettings
 from eep.search.state import Evaluated
@@ -158,7 +159,7 @@ class EEPStrategy(BaseStrategy):
         return self._candidate(merge, [m.clone() for m in merge], "init", parents, operator="given")
 
     def _random_init(self) -> Candidate:
-        merge = [self._one_hot(self._random_subset()) for _ in range(self.groups.num_groups)]
+        merge = self._random_pruning()
         return self._candidate(merge, [m.clone() for m in merge], "init", operator="random")
 
     def _ranked(self) -> list[Evaluated]:
@@ -209,6 +210,8 @@ class EEPStrategy(BaseStrategy):
                 s.crossover_parents_rank,
                 self._rng,
             )
+            if pair is not None and not _same_shapes(ranked[pair[0]].candidate, ranked[pair[1]].candidate):
+                pair = None  # a global budget: rows mix only between parents of one allocation
             if pair is not None:
                 first, second = ranked[pair[0]].candidate, ranked[pair[1]].candidate
                 genome = crossover(
@@ -235,6 +238,9 @@ class EEPStrategy(BaseStrategy):
             merge = discrete_mutate(
                 genome[:groups], flags[:groups], s.discrete_mutate_prob, self._rng
             )
+            if not self.budget.is_uniform and self._rng.random() < s.slot_move_prob:
+                merge = move_slot(merge, self.budget, self._rng)
+                operator += "+move"
             genome = merge + [m.clone() for m in merge]  # R follows M in the pruning phase
         if self._rng.random() < s.norm_prob:
             genome = normalise_rows(genome[:groups]) + genome[groups:]
@@ -425,6 +431,11 @@ def select_crossover_parents(
         return None
     a, b = rng.choice(size, size=2, replace=False)
     return int(a), int(b)
+
+
+def _same_shapes(a: Candidate, b: Candidate) -> bool:
+    """Whether two candidates keep the same number of experts in every layer."""
+    return a.keep_per_layer == b.keep_per_layer
 
 
 def _check_discrete(genome: Sequence[torch.Tensor], groups: int, parent: str) -> None:

@@ -39,7 +39,7 @@ class RandomSearch(BaseStrategy):
         return None if threshold == float("-inf") else threshold
 
     def _propose(self) -> Candidate:
-        merge = [self._one_hot(self._random_subset()) for _ in range(self.groups.num_groups)]
+        merge = self._random_pruning()
         return self._candidate(merge, [m.clone() for m in merge], "prune", operator="random")
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from eep.search.budget import KeepBudget
 from eep.search.groups import GroupError, LayerGroups
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -23,7 +24,20 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    keep: int = Field(ge=1, description="experts kept per MoE layer (k, the authors' budget)")
+    keep: int | None = Field(
+        default=None, ge=1,
+        description="experts kept per MoE layer (k, the authors' budget); with keep_min/keep_max "
+        "the average of a global budget",
+    )
+    keep_total: int | None = Field(
+        default=None, ge=1, description="global budget: experts kept over all MoE layers (instead of keep)"
+    )
+    keep_min: int | None = Field(
+        default=None, ge=1, description="global budget: fewest experts a layer keeps (default 1)"
+    )
+    keep_max: int | None = Field(
+        default=None, ge=1, description="global budget: most experts a layer keeps (default all)"
+    )
     top_k: int | None = Field(
         default=None, ge=1, description="active experts per token; None keeps the model's"
     )
@@ -42,7 +56,23 @@ class SearchSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SearchSettings:
-        if self.top_k is not None and self.top_k > self.keep:
+        if (self.keep is None) == (self.keep_total is None):
+            raise ValueError(
+                "give keep (experts per layer) or keep_total (experts over all layers), one of them"
+            )
+        if self.keep_min is not None and self.keep_max is not None and self.keep_min > self.keep_max:
+            raise ValueError(f"keep_min={self.keep_min} exceeds keep_max={self.keep_max}")
+        if self.global_budget:
+            if self.groups != "per_layer":
+                raise ValueError(
+                    "a global budget (keep_total, keep_min, keep_max) moves experts between single "
+                    f"layers: use groups: per_layer, not {self.groups!r}"
+                )
+            if self.keep is not None and not (self.keep_min or 1) <= self.keep <= (self.keep_max or self.keep):
+                raise ValueError(
+                    f"keep={self.keep} (the average) must lie within keep_min..keep_max"
+                )
+        elif self.top_k is not None and self.top_k > self.keep:
             raise ValueError(f"top_k={self.top_k} exceeds keep={self.keep}")
         if isinstance(self.groups, list):
             # Range shape only; coverage needs the model's layer count (checked at construction).
@@ -51,6 +81,22 @@ class SearchSettings(BaseModel):
             except (GroupError, ValueError) as exc:
                 raise ValueError(f"groups: {exc}") from exc
         return self
+
+
+    @property
+    def global_budget(self) -> bool:
+        """True when layers may keep different numbers of experts (a global budget)."""
+        if self.keep_total is not None:
+            return True
+        return any(b is not None and b != self.keep for b in (self.keep_min, self.keep_max))
+
+    def keep_budget(self, num_layers: int, num_experts: int) -> KeepBudget:
+        """The budget on a model of `num_layers` MoE layers of `num_experts` experts."""
+        if not self.global_budget:
+            assert self.keep is not None
+            return KeepBudget.uniform(self.keep, num_layers, num_experts)
+        total = self.keep_total if self.keep_total is not None else self.keep * num_layers
+        return KeepBudget(total, self.keep_min or 1, self.keep_max or num_experts, num_layers, num_experts)
 
 
 class EEPSettings(SearchSettings):
@@ -115,6 +161,10 @@ class EEPSettings(SearchSettings):
     )
     transfer_change_prob: Probability = Field(
         default=0.25, description="per-group probability that a router-mapping matrix is changed"
+    )
+    slot_move_prob: Probability = Field(
+        default=0.3,
+        description="global budget: probability a pruning-phase child moves one kept slot between layers",
     )
     @model_validator(mode="after")
     def _check_flags(self) -> EEPSettings:
