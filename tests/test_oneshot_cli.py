@@ -130,3 +130,46 @@ def test_campaign_seeds_its_search_from_method_names(tmp_path, model_dir):
         return [sorted(layer) for layer in c.kept_experts()]
 
     assert [kept(c) for c in first] == [kept(naee), kept(frequency)]  # the seeds come first
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prune_under_a_global_budget(tmp_path, model_dir, method, capsys):
+    """--keep-min/--keep-max: per-layer counts from the criterion ranked across layers, sum fixed."""
+    from eep.oneshot import oneshot_prune
+    from eep.oneshot.criteria import criteria_scores
+    from eep.oneshot.calibration import build_calibration
+    from eep.models.loading import load_model
+    from eep.search.budget import KeepBudget
+
+    out = tmp_path / "c.safetensors"
+    argv = ["prune", "--model", str(model_dir), "--method", method, "--keep", "3", "--keep-min", "1",
+            "--keep-max", "5", "--out", str(out), "--calibration", "builtin", "--samples", "14"]
+    assert main(argv) == 0
+    assert "6 experts over 2 MoE layers (1..5 of 8 each)" in capsys.readouterr().out
+    cand = Candidate.load(out)
+    budget = KeepBudget(6, 1, 5, num_layers=2, num_experts=8)
+    budget.check(cand.keep_per_layer)
+    assert cand.is_pure_pruning() and cand.extra["budget"] == [6, 1, 5]
+    if method in ("random",):
+        return
+    loaded = load_model(str(model_dir))
+    spec = parse_calibration("builtin", samples=14)
+    scores = criteria_scores(loaded.model, build_calibration(spec, loaded.model, loaded.tokenizer))
+    by = "reap" if method == "naee" else method
+    allocation = budget.allocate_by_scores(scores.scores(by))
+    assert [len(k) for k in cand.kept_experts()] == [len(k) for k in allocation]
+    if method != "naee":
+        assert [sorted(k) for k in cand.kept_experts()] == allocation
+    else:  # NAEE's own subset at each layer's count (top-2 model: counts of 2 and more)
+        for layer, k in enumerate(cand.keep_per_layer):
+            if k >= 2:
+                alone = oneshot_prune(loaded, "naee", k, spec).candidate
+                assert sorted(cand.kept_experts()[layer]) == sorted(alone.kept_experts()[layer])
+
+
+def test_prune_budget_errors_name_the_arguments(tmp_path, model_dir, capsys):
+    argv = ["prune", "--model", str(model_dir), "--method", "random", "--keep", "3", "--keep-min", "4",
+            "--out", str(tmp_path / "c.safetensors")]
+    assert main(argv) == 2
+    assert "--keep 3 --keep-min 4 --keep-max 8: " in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()

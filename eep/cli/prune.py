@@ -8,6 +8,7 @@ from pathlib import Path
 from eep.models.loading import parse_device
 from eep.oneshot import METHODS, oneshot_prune, parse_calibration, task_calibration
 from eep.oneshot.naee import DEFAULT_MAX_SUBSETS, ORDERS
+from eep.search.budget import BudgetError, KeepBudget
 
 NAME = "prune"
 HELP = "one-shot pruning (NAEE, frequency, soft activation, REAP, random) written as a candidate"
@@ -17,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `eep prune`."""
     parser.add_argument("--model", required=True, help="builtin:NAME, a local folder or a hub id")
     parser.add_argument("--method", required=True, choices=METHODS)
-    parser.add_argument("--keep", required=True, type=int, help="experts kept per MoE layer")
+    parser.add_argument("--keep", required=True, type=int, help="experts kept per MoE layer (the mean with bounds)")
+    parser.add_argument("--keep-min", type=int, help="global budget: fewest experts a layer keeps")
+    parser.add_argument("--keep-max", type=int, help="global budget: most experts a layer keeps")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--task", help="task-specific calibration: the task's search split")
     data.add_argument(
@@ -64,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
         spec = None
     else:
         raise ValueError(f"--method {args.method} needs --task T or --calibration SPEC")
+    keep = _keep(args)
     result = oneshot_prune(
         args.model,
         args.method,
-        args.keep,
+        keep,
         spec,
         order=args.order,
         beam_width=args.beam_width,
@@ -81,7 +85,12 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     path = result.candidate.save(args.out)
-    print(f"{args.method}: kept {args.keep} of {result.candidate.num_experts} experts per MoE layer")
+    if isinstance(keep, int):
+        print(f"{args.method}: kept {args.keep} of {result.candidate.num_experts} experts per MoE layer")
+    else:
+        counts = result.candidate.keep_per_layer
+        print(f"{args.method}: kept {sum(counts)} experts over {len(counts)} MoE layers "
+              f"({keep.low}..{keep.high} of {result.candidate.num_experts} each): {counts}")
     for layer, kept in enumerate(result.candidate.kept_experts()):
         print(f"  layer {layer}: {kept}")
     if result.calibration_tokens:
@@ -94,3 +103,19 @@ def run(args: argparse.Namespace) -> int:
         print("skip thresholds: " + ", ".join(f"{t:.3f}" for t in result.skip_thresholds))
     print(f"wrote {path} ({result.seconds:.1f} s)")
     return 0
+
+
+def _keep(args: argparse.Namespace) -> int | KeepBudget:
+    """--keep alone, or a global budget of keep x layers experts within --keep-min..--keep-max."""
+    if args.keep_min is None and args.keep_max is None:
+        return args.keep
+    from eep.models.families import model_shape
+    from eep.models.loading import load_config
+
+    shape = model_shape(load_config(args.model, args.trust_remote_code))
+    low = args.keep_min if args.keep_min is not None else 1
+    high = args.keep_max if args.keep_max is not None else shape.num_experts
+    try:
+        return KeepBudget(args.keep * shape.num_moe_layers, low, high, shape.num_moe_layers, shape.num_experts)
+    except BudgetError as exc:
+        raise ValueError(f"--keep {args.keep} --keep-min {low} --keep-max {high}: {exc}") from None
