@@ -34,6 +34,12 @@ STRATEGIES = ("eep", "random", "coordinate_descent")
 # EEP whose initial population also holds the one-shot prunings (computed on the search split).
 SEEDED = "eep_seeded"
 SEEDS = ["naee", "soft_activation", "reap", "frequency"]
+# EEP seeded under a global budget (keep x layers experts, each layer keep // 2 .. 2 keep), its
+# inits the uniform one-shot prunings plus the same methods under the budget.
+BUDGET = "eep_budget"
+# Either, with its dev winner polished (eep.polish) and a search shortened by --polish-evals.
+POLISHED = {f"{SEEDED}_polish": SEEDED, f"{BUDGET}_polish": BUDGET}
+EXTRA = (SEEDED, BUDGET, *POLISHED)
 
 # (strategy, summary method key, column label) of the search columns, in table order.
 SEARCH_COLUMNS = [
@@ -42,6 +48,9 @@ SEARCH_COLUMNS = [
     ("eep", "eep_prune_only", "EEP prune-only"),
     ("eep", "eep", "EEP prune+merge"),
     (SEEDED, "eep", "EEP seeded"),
+    (BUDGET, "eep", "EEP budget"),
+    (f"{SEEDED}_polish", "chosen", "EEP seeded + polish"),
+    (f"{BUDGET}_polish", "chosen", "EEP budget + polish"),
 ]
 
 # `--search-metric dense`: what searches and dev re-ranking maximise, per task kind.
@@ -51,10 +60,13 @@ DENSE = {"generate": "char_similarity", "multiple_choice": "label_prob"}
 def campaign_dict(
     task: str, keep: int, strategy: str, budget: int, sizes: tuple[int, int, int], seed: int,
     dense: bool = False, model: str = "builtin:tiny-moe", batch_size: int = 32,
-    init_from: list[str] | None = None,
+    init_from: list[str] | None = None, polish_evals: int = 0, polish: dict | None = None,
 ) -> dict:
     """The campaign config of one cell of the table."""
-    if strategy in ("eep", SEEDED):
+    base = POLISHED.get(strategy, strategy)
+    if base in (BUDGET, SEEDED) and strategy in POLISHED:
+        budget -= polish_evals  # equal wall time: the polishing's cost comes off the search
+    if base in ("eep", SEEDED, BUDGET):
         # The authors' schedule scaled to the budget: 31 inits, pruning phase to a quarter
         # (their 100 of 400), merging to the end (their total_iter 400 runs 401 evaluations).
         settings = {"kind": "eep", "total_iter": budget - 1, "discrete_iter": max(31, budget // 4)}
@@ -77,7 +89,9 @@ def campaign_dict(
         task_spec["search_metric"] = DENSE[task_kind(task)]
     seeded = init_from or SEEDS
     return {
-        **({"init_from": seeded} if strategy == SEEDED else {}),
+        **({"init_from": seeded} if base in (SEEDED, BUDGET) else {}),
+        **(budget_bounds(keep) if base == BUDGET else {}),
+        **({"polish": polish or True} if strategy in POLISHED else {}),
         "name": f"{task}-k{keep}-{strategy}",
         "model": model,
         "task": task_spec,
@@ -88,6 +102,11 @@ def campaign_dict(
         "output": {"export": False},
         "seed": seed,
     }
+
+
+def budget_bounds(keep: int) -> dict:
+    """The global budget of the budget cells: keep x layers experts, each layer keep // 2 .. 2 keep."""
+    return {"keep_min": max(1, keep // 2), "keep_max": 2 * keep}
 
 
 def run_dir_of(out: str, task: str, keep: int, strategy: str, seed: int) -> Path:
@@ -132,6 +151,13 @@ def oneshot_one(args: tuple[dict, str, bool]) -> dict[str, float]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_candidates(SEEDS, config.model, config.task, config.keep, out)
+    if config.strategy.global_budget:  # the same methods under the budget, beside the uniform ones
+        from eep.models.families import model_shape
+        from eep.models.loading import load_config
+
+        shape = model_shape(load_config(config.model))
+        budget = config.strategy.keep_budget(shape.num_moe_layers, shape.num_experts)
+        seed_candidates(SEEDS, config.model, config.task, budget, out / "budget")
     scores_path = out / "test.json"
     if not score or scores_path.is_file():
         return json.loads(scores_path.read_text()) if scores_path.is_file() else {}
@@ -169,7 +195,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--keeps", nargs="*", type=int, default=[4, 2])
-    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=[*STRATEGIES, SEEDED])
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=[*STRATEGIES, *EXTRA])
+    parser.add_argument("--polish-evals", type=int, default=0,
+                        help="evaluations the polishing costs: taken off the polished cells' searches")
+    parser.add_argument("--polish-steps", type=int, help="polishing steps (default: eep.config.PolishSettings)")
     parser.add_argument("--budget", type=int, default=401, help="evaluations per search (authors: 401)")
     parser.add_argument("--sizes", nargs=3, type=int, default=[128, 128, 500], metavar=("SEARCH", "DEV", "TEST"))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="one campaign per seed")
@@ -191,18 +220,24 @@ def main() -> None:
     dense = args.search_metric == "dense"
 
     def config(task: str, keep: int, strategy: str, seed: int) -> dict:
-        init = [
-            str(oneshot_dir_of(args.out, task, keep) / f"init_{m}.safetensors") for m in SEEDS
-        ]
+        folder = oneshot_dir_of(args.out, task, keep)
+        init = [str(folder / f"init_{m}.safetensors") for m in SEEDS]
+        if POLISHED.get(strategy, strategy) == BUDGET:
+            init += [str(folder / "budget" / f"init_{m}.safetensors") for m in SEEDS]
+        polish = {"steps": args.polish_steps} if args.polish_steps else None
         return campaign_dict(
-            task, keep, strategy, args.budget, sizes, seed, dense, args.model, args.batch_size, init
+            task, keep, strategy, args.budget, sizes, seed, dense, args.model, args.batch_size, init,
+            args.polish_evals, polish,
         )
 
     oneshot: dict[tuple[str, int], dict[str, float]] = {}
-    if args.oneshot or SEEDED in args.strategies:
+    seeded = [s for s in args.strategies if s in EXTRA]
+    if args.oneshot or seeded:
         pairs = [(t, k) for k in args.keeps for t in tasks]
+        # The budget cells need the budget seeds too; computing them also computes the uniform ones.
+        kind = BUDGET if any(POLISHED.get(s, s) == BUDGET for s in seeded) else SEEDED
         work = [
-            (config(t, k, SEEDED, 0), str(oneshot_dir_of(args.out, t, k)), args.oneshot) for t, k in pairs
+            (config(t, k, kind, 0), str(oneshot_dir_of(args.out, t, k)), args.oneshot) for t, k in pairs
         ]
         with ProcessPoolExecutor(args.jobs) as ex:
             oneshot = dict(zip(pairs, ex.map(oneshot_one, work), strict=True))
@@ -213,7 +248,10 @@ def main() -> None:
         results = dict(zip(cells, ex.map(run_one, work), strict=True))
 
     def method(task, keep, strategy, seed, key):
-        return results.get((task, keep, strategy, seed), {}).get("methods", {}).get(key, {})
+        summary = results.get((task, keep, strategy, seed), {})
+        if key == "chosen":  # the campaign's result: the polished candidate when it was kept
+            key = summary.get("chosen", "")
+        return summary.get("methods", {}).get(key, {})
 
     def reference(task, keep, key):
         """A score every campaign computes (full model, random pruning): the mean over seeds.
@@ -264,6 +302,26 @@ def main() -> None:
             ]
             mean_text.append(spread(means) if means else "-")
         print("| **mean** | " + " | ".join(mean_text) + " |")
+
+    polished = [s for s in args.strategies if s in POLISHED]
+    if polished:
+        print("\n### polishing (mean over tasks and seeds)\n")
+        print("| keep | cells | kept on dev | KL before | KL after | polish s | share of campaign |")
+        print("|---|---|---|---|---|---|---|")
+        for keep in args.keeps:
+            for strategy in polished:
+                rows = [results.get((t, keep, strategy, seed), {}) for t in tasks for seed in args.seeds]
+                rows = [r for r in rows if r.get("methods", {}).get("polish", {}).get("id")]
+                if not rows:
+                    continue
+                polish_rows = [r["methods"]["polish"] for r in rows]
+                kept = sum(r.get("chosen") == "polish" for r in rows)
+                seconds = [r.get("polish_seconds", 0.0) for r in rows]
+                share = [p / (p + r["search_seconds"]) for p, r in zip(seconds, rows, strict=True)]
+                print(f"| {keep} | {strategy} ({len(rows)}) | {kept} of {len(rows)} "
+                      f"| {statistics.mean(p['kl_before'] for p in polish_rows):.4f} "
+                      f"| {statistics.mean(p['kl_after'] for p in polish_rows):.4f} "
+                      f"| {statistics.mean(seconds):.1f} | {statistics.mean(share):.1%} |")
 
     if args.curves:
         points = [p for p in (10, 25, 50, 100, 150, 200, 300, 400) if p <= args.budget]
