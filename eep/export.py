@@ -2,8 +2,10 @@
 
 The checkpoint is computed by the same `Surgery` the search evaluates with, so its logits are the
 in-place model's. Pure pruning and `logits`-mode candidates give a stock checkpoint that vanilla
-`AutoModelForCausalLM.from_pretrained` loads; `probs`-mode candidates with mixed router rows give
-an `eep_<family>` checkpoint that loads after `import eep` (see `eep.models.mapped`).
+`AutoModelForCausalLM.from_pretrained` loads; `probs`-mode candidates with mixed router rows,
+NAEE skipping thresholds, or layers keeping different expert counts (a per-layer budget: a stock
+config has one expert count) give an `eep_<family>` checkpoint that loads after `import eep`
+(see `eep.models.mapped`).
 
 Every export also writes `eep_recipe.yaml` (`eep.recipe`: base model, candidate hash, export
 settings, the campaign and its test table when there is one) and a model card `README.md`
@@ -23,10 +25,15 @@ import yaml
 
 from eep import __version__ as EEP_VERSION
 from eep.candidate import Candidate, CandidateError
-from eep.model_card import CARD_FILE, ExportFacts, render_card
+from eep.model_card import CARD_FILE, ExportFacts, format_keep, render_card
 from eep.models.families import get_num_experts, moe_layers
 from eep.models.loading import load_model
-from eep.models.mapped import MAPPED_PREFIX, SKIP_CONFIG_FIELD, mapped_config_class
+from eep.models.mapped import (
+    LAYER_EXPERTS_FIELD,
+    MAPPED_PREFIX,
+    SKIP_CONFIG_FIELD,
+    mapped_config_class,
+)
 from eep.models.skipping import skip_thresholds_of
 from eep.models.surgery import Surgery
 from eep.recipe import RECIPE_FILE, ExportSettings, Recipe, RecipeError, results_from_summary
@@ -41,14 +48,14 @@ class ExportReport:
 
     out_dir: Path
     stock: bool
-    keep: int
+    keep: int | list[int]  # a list (one count per MoE layer) when the layers keep different counts
     num_experts: int
     top_k: int
     parameters: int
 
     def how_to_load(self) -> str:
         """A Python snippet that loads the exported checkpoint."""
-        prefix = "" if self.stock else "import eep  # registers the router-mapped model class\n"
+        prefix = "" if self.stock else "import eep  # registers eep's model classes (eep_<family>)\n"
         return (
             f"{prefix}from transformers import AutoModelForCausalLM\n"
             f'model = AutoModelForCausalLM.from_pretrained("{self.out_dir}")'
@@ -114,11 +121,9 @@ def _export(recipe: Recipe, candidate: Candidate, out_dir: Path) -> ExportReport
     settings = recipe.export
     model, dtype = recipe.base_model, settings.dtype
     max_shard_size, trust_remote_code = settings.max_shard_size, settings.trust_remote_code
-    if len(set(candidate.keep_per_layer)) != 1:
-        raise CandidateError(
-            f"layers keep different expert counts {candidate.keep_per_layer}: a Hugging Face "
-            "config has one expert count, so this export is not supported yet"
-        )
+    keeps = candidate.keep_per_layer
+    # A stock config has one expert count: a per-layer budget needs eep's class to size each layer.
+    layer_experts = keeps if len(set(keeps)) > 1 else None
     loaded = load_model(model, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code)
     net = loaded.model
     family = net.config.model_type
@@ -130,7 +135,7 @@ def _export(recipe: Recipe, candidate: Candidate, out_dir: Path) -> ExportReport
     mapped_router = not candidate.router_has_stock_equivalent()
     # NAEE dynamic-skipping thresholds need eep's class too (it installs the skipping).
     skip_thresholds = skip_thresholds_of(candidate)
-    stock = not mapped_router and skip_thresholds is None
+    stock = not mapped_router and skip_thresholds is None and layer_experts is None
     out_dir.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(
         out_dir,
@@ -139,7 +144,9 @@ def _export(recipe: Recipe, candidate: Candidate, out_dir: Path) -> ExportReport
         save_original_format=stock,
     )
     if not stock:
-        _write_mapped_config(net.config, num_experts, out_dir, mapped_router, skip_thresholds)
+        _write_mapped_config(
+            net.config, num_experts, out_dir, mapped_router, skip_thresholds, layer_experts
+        )
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out_dir)
     candidate.save(out_dir / CANDIDATE_FILE)
@@ -147,7 +154,7 @@ def _export(recipe: Recipe, candidate: Candidate, out_dir: Path) -> ExportReport
     report = ExportReport(
         out_dir=out_dir,
         stock=stock,
-        keep=candidate.keep,
+        keep=keeps if layer_experts is not None else keeps[0],
         num_experts=num_experts,
         top_k=int(net.config.num_experts_per_tok),
         parameters=sum(p.numel() for p in net.parameters()),
@@ -161,7 +168,7 @@ def _export(recipe: Recipe, candidate: Candidate, out_dir: Path) -> ExportReport
         parameters=report.parameters,
     )
     (out_dir / CARD_FILE).write_text(render_card(recipe, candidate, facts), encoding="utf-8")
-    log.info("exported %s experts of %s per layer to %s", report.keep, num_experts, out_dir)
+    log.info("exported %s experts per layer to %s", format_keep(report.keep, num_experts), out_dir)
     return report
 
 
@@ -180,7 +187,7 @@ def _check_finite(net: torch.nn.Module) -> None:
 
 def _write_mapped_config(
     config, num_experts: int, out_dir: Path, mapped_router: bool = True,
-    skip_thresholds: list[float] | None = None,
+    skip_thresholds: list[float] | None = None, layer_experts: list[int] | None = None,
 ) -> None:
     config_cls = mapped_config_class(config.model_type)
     values = config.to_dict()
@@ -189,6 +196,10 @@ def _write_mapped_config(
     extra: dict = {"num_router_experts": num_experts, "router_mapping": "probs"} if mapped_router else {}
     if skip_thresholds is not None:
         extra[SKIP_CONFIG_FIELD] = skip_thresholds
+    if layer_experts is not None:
+        # The expert-count field already holds max k_l (Surgery set it): the class sizes the base
+        # model by it, then each layer down to its own count.
+        extra[LAYER_EXPERTS_FIELD] = [int(k) for k in layer_experts]
     mapped = config_cls(**values, **extra)
     mapped.architectures = [f"EEP{config.architectures[0] if config.architectures else 'ForCausalLM'}"]
     mapped.save_pretrained(out_dir)

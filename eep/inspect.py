@@ -93,15 +93,20 @@ class ModelReport:
             if self.shared_experts
             else "none"
         )
+        # An export with per-layer budgets holds fewer experts than E in some layers.
+        held = self.expert_params // self.params_per_expert if self.params_per_expert else 0
+        uneven = held != moe * self.num_experts
+        layout = f"{held} experts over {moe} layers" if uneven else f"{moe} layers x {self.num_experts} experts"
         lines = [
             f"{self.model} ({self.family}, model_type {self.model_type})",
             f"  decoder layers      {self.num_layers} ({moe} MoE" + (f", {dense} dense)" if dense else ")"),
-            f"  routed experts      E = {self.num_experts} per MoE layer, top-k = {self.top_k}",
+            f"  routed experts      E = {'up to ' if uneven else ''}{self.num_experts} per MoE layer, "
+            f"top-k = {self.top_k}",
             f"  shared experts      {shared}",
             f"  params per expert   {self.params_per_expert:,} (gate_up {self.gate_up_params_per_expert:,}"
             f" + down {self.down_params_per_expert:,})",
             f"  expert params       {_b(self.expert_params)} ({100 * self.expert_params / self.total_params:.1f}%;"
-            f" {moe} layers x {self.num_experts} experts)",
+            f" {layout})",
             f"  non-expert params   {_b(self.non_expert_params)}",
             f"  total params        {_b(self.total_params)} ({self.total_params:,})",
             "model size in bf16 (only the routed experts shrink):",
@@ -175,6 +180,8 @@ def describe_model(
     layers = moe_layers(instance)
     total = sum(p.numel() for p in instance.parameters())  # tied weights counted once
     per_layer = [(layer.experts.gate_up_proj.numel(), layer.experts.down_proj.numel()) for layer in layers]
+    # Experts each layer holds: E, or its own count in an export with per-layer budgets.
+    held = [int(layer.experts.gate_up_proj.shape[0]) for layer in layers]
     expert_params = sum(gu + d for gu, d in per_layer)
     shared_params = 0
     if family.shared_expert:
@@ -188,7 +195,7 @@ def describe_model(
 
     def params_at(keep: int) -> int:
         # Routed experts shrink to keep per layer; everything else (gates included) stays.
-        return non_expert + sum((gu + d) // num_experts * keep for gu, d in per_layer)
+        return non_expert + sum((gu + d) // n * keep for (gu, d), n in zip(per_layer, held, strict=True))
 
     keeps = _keeps(num_experts)
     activation = int(activation_gib * GIB)
@@ -213,8 +220,8 @@ def describe_model(
         top_k=int(config.num_experts_per_tok),
         shared_experts=shared_count,
         shared_expert_params=shared_params,
-        gate_up_params_per_expert=gate_up0 // num_experts,
-        down_params_per_expert=down0 // num_experts,
+        gate_up_params_per_expert=gate_up0 // held[0],
+        down_params_per_expert=down0 // held[0],
         expert_params=expert_params,
         non_expert_params=non_expert,
         total_params=total,

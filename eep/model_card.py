@@ -37,10 +37,22 @@ class ExportFacts:
 
     family: str
     num_experts: int
-    keep: int
+    keep: int | list[int]  # a list (one count per MoE layer) when the layers keep different counts
     top_k: int
     stock: bool
     parameters: int
+
+
+def format_keep(keep: int | list[int], num_experts: int, detail: bool = True) -> str:
+    """Kept experts as text: `4 of 8`, or per-layer counts `1-4 of 8 (per layer 1,2,4,2; 9 in all)`."""
+    if isinstance(keep, int):
+        return f"{keep} of {num_experts}"
+    if len(set(keep)) == 1:
+        return f"{keep[0]} of {num_experts}"
+    text = f"{min(keep)}-{max(keep)} of {num_experts}"
+    if detail:
+        text += f" (per layer {','.join(map(str, keep))}; {sum(keep)} in all)"
+    return text
 
 
 def is_hub_id(model: str) -> bool:
@@ -77,18 +89,20 @@ def render_card(recipe: Recipe, candidate: Candidate, facts: ExportFacts) -> str
     meta.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags})
     front = yaml.safe_dump(meta, sort_keys=False)
     base = recipe.base_model
-    router = (
-        "stock gate rows (a stock transformers checkpoint)"
-        if facts.stock
-        else f"eep's probability-mapped router (`eep_{facts.family}`, needs `import eep`)"
-    )
+    eep_class = f"`eep_{facts.family}`, needs `import eep`"
+    if not candidate.router_has_stock_equivalent():
+        router = f"eep's probability-mapped router ({eep_class})"
+    elif facts.stock:
+        router = "stock gate rows (a stock transformers checkpoint)"
+    else:  # pruned gate rows in eep's class: per-layer expert counts or skipping need it
+        router = f"stock gate rows ({eep_class})"
     if candidate.extra.get("skip_thresholds") is not None:
         router += "; NAEE dynamic expert skipping"
     rows = [
         ("Base model", f"`{base}`"),
         ("Family", f"`{facts.family}`"),
         ("Method", describe_method(candidate, recipe)),
-        ("Experts per MoE layer", f"{facts.keep} of {facts.num_experts} kept, top-{facts.top_k}"),
+        ("Experts per MoE layer", f"{format_keep(facts.keep, facts.num_experts)} kept, top-{facts.top_k}"),
         ("Router mapping", f"{router}; candidate mode `{candidate.router_mapping}`"),
         ("Parameters", f"{facts.parameters / 1e6:.1f} M"),
     ]
@@ -102,7 +116,8 @@ def render_card(recipe: Recipe, candidate: Candidate, facts: ExportFacts) -> str
     ]
     parts = [
         f"---\n{front}---",
-        f"# {_short_name(base)}: {facts.keep} of {facts.num_experts} experts per layer",
+        f"# {_short_name(base)}: {format_keep(facts.keep, facts.num_experts, detail=False)} "
+        "experts per layer",
         f"This checkpoint is `{base}` with its Mixture-of-Experts layers reduced by eep "
         "(expert pruning and merging: EEP evolutionary search, NAEE and other one-shot methods).",
         _table(("", ""), rows),
@@ -158,7 +173,7 @@ def _results_section(recipe: Recipe) -> str:
 
 
 def _how_to_load(stock: bool) -> str:
-    prefix = "" if stock else "import eep  # registers the router-mapped model class\n"
+    prefix = "" if stock else "import eep  # registers eep's model classes (eep_<family>)\n"
     return (
         "```python\n"
         f"{prefix}from transformers import AutoModelForCausalLM, AutoTokenizer\n"

@@ -333,3 +333,21 @@ def test_apply_outside_inference_mode_after_an_evaluator_applied_inside_it():
         evaluator.surgery.apply(merged)
         again = evaluator.model(input_ids=ids).logits
     assert torch.equal(logits, again)
+
+
+def test_skipping_on_a_candidate_whose_first_layer_keeps_one_expert():
+    """Dynamic skipping reads the model's top-k from all layers, not from a top-1 first layer."""
+    from eep.models.skipping import SKIP_KEY, set_skipping
+
+    model = tiny_model("mixtral")
+    surgery = Surgery(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    candidate = Candidate.from_kept([[3], [1, 5], [0, 2, 7]], 8)
+    surgery.apply(candidate)
+    with torch.no_grad():
+        plain = model(ids).logits
+        set_skipping(model, [0.0, 1.0, 1.0])
+        skipped = model(ids).logits
+        set_skipping(model, None)
+    assert not torch.equal(plain, skipped)
+    assert SKIP_KEY == "skip_thresholds"

@@ -6,6 +6,7 @@ import argparse
 
 from eep.candidate import Candidate
 from eep.export import export_from_recipe, export_model
+from eep.model_card import format_keep
 
 NAME = "export"
 HELP = "apply a candidate to a model and save a Hugging Face checkpoint with keep experts"
@@ -42,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             trust_remote_code=args.trust_remote_code,
         )
-    kind = "stock checkpoint" if report.stock else "checkpoint with eep's router-mapped model class"
+    kind = "stock checkpoint" if report.stock else "checkpoint with eep's model class (eep_<family>)"
     print(f"wrote {kind} to {report.out_dir} (model card README.md, recipe eep_recipe.yaml)")
-    print(f"  experts per layer: {report.keep} of {report.num_experts}, top-k {report.top_k}, "
+    print(f"  experts per layer: {format_keep(report.keep, report.num_experts)}, top-k {report.top_k}, "
           f"{report.parameters / 1e6:.1f} M parameters")
     print("load it with:")
     for line in report.how_to_load().splitlines():

@@ -160,7 +160,11 @@ def installed_skipping(model: nn.Module) -> DynamicSkipping | None:
 
 
 def check_top2(layers: Sequence[MoELayer]) -> None:
-    """Raise SkippingError unless the layers route every token to two experts."""
-    top_k = int(layers[0].gate.top_k)
+    """Raise SkippingError unless the layers route every token to two experts.
+
+    A layer keeping one expert (a global budget) routes with top-1 and has nothing to skip; the
+    model's top-k is the largest of its layers'.
+    """
+    top_k = max(int(layer.gate.top_k) for layer in layers)
     if top_k != 2:
         raise SkippingError(f"dynamic skipping is defined for top-2 routing; this model uses top-{top_k}")

@@ -384,8 +384,10 @@ function renderExpertPanel() {
   if (!best) { head.textContent = "no scored candidate yet"; renderExpertMap($("expert-map"), $("expert-scale"), null); return; }
   if (!best.layers) { head.textContent = `${best.id}: candidate file not written yet`; renderExpertMap($("expert-map"), $("expert-scale"), null); return; }
   const kind = best.pure_pruning ? "pure pruning (one-hot rows)" : "merged experts";
+  // A per-layer budget keeps different counts per layer: show their range.
+  const lo = Math.min(...best.keep), hi = Math.max(...best.keep);
   head.textContent = `${best.id} · score ${fmt(best.score, 4)} · ${best.phase || "—"} phase · ${kind} · ` +
-    `keep ${best.keep[0]} of ${best.num_experts} per layer`;
+    `keep ${lo === hi ? lo : `${lo}–${hi}`} of ${best.num_experts} per layer`;
   renderExpertMap($("expert-map"), $("expert-scale"), best, state.matrix);
 }
 
