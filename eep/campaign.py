@@ -15,6 +15,7 @@ baselines are scored on `test`; `summary.json` (`eep.summary`) reports them.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -39,6 +40,8 @@ from eep.summary import format_summary
 from eep.tasks.scorers import primary_metric, search_metric
 
 log = logging.getLogger(__name__)
+POLISH_KEY = "polish"  # summary row of the polished candidate
+POLISH_FILE = "polish.json"  # what the polishing job reported (read back on resume)
 
 
 @dataclass
@@ -306,6 +309,13 @@ class Campaign:
         finale = run_finale(
             self.strategy, self.entry, scorer, cfg.final.dev_top, search_records, baselines
         )
+        polish_seconds = 0.0
+        if cfg.polish is not None and finale.chosen is not None:
+            polished, row = self._polish(finale.chosen, finale.methods[finale.chosen_key], scorer)
+            finale.methods[POLISH_KEY] = row
+            polish_seconds = float(row.get("seconds", 0.0))
+            if polished is not None:
+                finale.chosen, finale.chosen_key = polished, POLISH_KEY
         summary = {
             "name": cfg.name,
             "model": cfg.model,
@@ -323,6 +333,7 @@ class Campaign:
             "search_examples": self.progress.examples,
             "search_rejected": self.progress.rejected,
             "search_seconds": self.progress.seconds(),
+            **({"polish_seconds": polish_seconds} if cfg.polish is not None else {}),
             "chosen": finale.chosen_key,
             "methods": finale.methods,
         }
@@ -344,6 +355,46 @@ class Campaign:
         self.runlog.write_json(SUMMARY_FILE, summary)
         result.table = format_summary(summary)
         return result
+
+    def _polish(self, chosen: Candidate, chosen_row: dict, scorer: SplitScorer) -> tuple[Candidate | None, dict]:
+        """Polish the dev winner on the search split (eep.polish); (the polished one if it beats
+        the winner on dev, else None; its summary row). A finished polish is read back on resume."""
+        settings = self.config.polish
+        assert settings is not None
+        label = f"{chosen_row.get('label', 'chosen')} + polish"
+        row: dict = {"label": label, "row": "search", "evaluations": 0}
+        done_path = self.runlog.path / POLISH_FILE
+        done = json.loads(done_path.read_text()) if done_path.is_file() else None
+        if done is not None and done.get("source_hash") == chosen.content_hash():
+            polished = self.runlog.load_candidate(done["id"])
+        else:
+            job = Job(chosen, "search", polish=settings.model_dump(mode="json"))
+            pool = self.pool
+            pool.submit(job)
+            while pool.in_flight:
+                pool.wait()
+            assert job.result is not None
+            if job.result.failed or job.output is None:
+                log.warning("polishing %s failed: %s; keeping it unpolished", chosen.id, job.result.error)
+                return None, {**row, "note": f"polishing failed: {job.result.error}"}
+            polished = job.output.with_meta(id=f"{chosen.id}-polished")
+            self.runlog.save_candidate(polished)
+            metrics = job.result.metrics
+            done = {"source_hash": chosen.content_hash(), "id": polished.id,
+                    "kl_before": -metrics["neg_kl_before"], "kl_after": -job.result.score,
+                    "steps": int(metrics["steps"]), "seconds": job.result.seconds, "worker": job.worker,
+                    "settings": settings.model_dump(mode="json")}
+            self.runlog.write_json(POLISH_FILE, done)
+        dev = scorer.score([(polished.id, polished)], "dev")[polished.id]
+        test = scorer.score([(polished.id, polished)], "test")[polished.id]
+        row.update(id=polished.id, dev=dev, test=test, seconds=done.get("seconds", 0.0),
+                   kl_before=done.get("kl_before"), kl_after=done.get("kl_after"), steps=done.get("steps"))
+        from eep.polish import keep_polished  # noqa: PLC0415  (torch only when polishing)
+
+        beats = keep_polished(chosen_row.get("dev", float("-inf")), dev)
+        if not beats:
+            row["note"] = "not kept: no better than the unpolished candidate on dev"
+        return (polished if beats else None), row
 
     def run(self) -> CampaignResult:
         """Search, then finish; the pool is closed at the end."""

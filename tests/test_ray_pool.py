@@ -460,3 +460,23 @@ def test_campaign_with_kl_fitness_and_early_rejection_on_actors(cluster, model_d
     # dev and test score the task's own metric on every example
     held_out = [r for r in records if r["split"] != "search"]
     assert {(r["fitness"], r["metric"], r["rejected"]) for r in held_out} == {("accuracy", "exact_match", False)}
+
+
+@pytest.mark.slow
+def test_campaign_with_a_global_budget_and_polishing_on_actors(cluster, model_dir, tmp_path):
+    """Per-layer budgets and the polishing job run on the actors as in process."""
+    cfg = make_config(
+        model_dir, tmp_path / "run", keep=3, keep_min=2, keep_max=4, polish={"steps": 8},
+        final={"random_baselines": 1, "dev_top": 2},
+    )
+    result = run_campaign(cfg, quiet=True)
+    records = RunLog.open(tmp_path / "run").records
+    search = [r for r in records if r["split"] == "search"]
+    assert len(search) == 25 and {r["worker"] for r in search} <= {"ray-0", "ray-1"}
+    run = RunLog.open(tmp_path / "run")
+    keeps = {tuple(run.load_candidate(r["id"]).keep_per_layer) for r in search}
+    assert all(sum(k) == 6 and all(2 <= x <= 4 for x in k) for k in keeps) and len(keeps) > 1
+    done = json.loads((tmp_path / "run" / "polish.json").read_text())
+    assert done["worker"] in {"ray-0", "ray-1"} and done["steps"] == 8
+    row = result.summary["methods"]["polish"]
+    assert row["kl_after"] <= row["kl_before"] and row["dev"] is not None and row["test"] is not None

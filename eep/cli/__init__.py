@@ -16,6 +16,7 @@ COMMANDS = (
     "demo",
     "evaluate",
     "prune",
+    "polish",
     "export",
     "import_reference",
     "inspect",

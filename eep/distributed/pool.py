@@ -49,12 +49,19 @@ class PoolError(RuntimeError):
 
 @dataclass
 class Job:
-    """One candidate to score on one split; `result` and `worker` are set on completion."""
+    """One candidate to score on one split; `result` and `worker` are set on completion.
+
+    A polishing job (`polish`: `PolishSettings` as a mapping) tunes the candidate's coefficients
+    on the split instead (`eep.polish`); `output` is then the polished candidate and `result`
+    its KL on the split (metric neg_kl).
+    """
 
     candidate: Candidate | None  # None: the unpruned model
     split: str = "search"
     reject_below: float | None = None  # early rejection threshold (search split only)
+    polish: dict | None = None
     result: FitnessResult | None = None
+    output: Candidate | None = None
     worker: str = ""
     submitted: float = field(default_factory=time.time)
 
@@ -124,7 +131,7 @@ class InProcessPool:
         if not self._queue:
             return []
         job = self._queue.popleft()
-        job.result = run_job(self._evaluators, job)
+        job.result, job.output = execute(self._evaluators, job)
         job.worker = "local"
         return [job]
 
@@ -167,6 +174,35 @@ def build_evaluators(spec: WorkerSpec) -> dict:
             rejection=RejectionRule(*spec.rejection) if search and spec.rejection else None,
         )
     return evaluators
+
+
+def execute(evaluators: dict, job: Job) -> tuple[FitnessResult, Candidate | None]:
+    """Run a job: (its result, the polished candidate of a polishing job, else None)."""
+    if job.polish is None:
+        return run_job(evaluators, job), None
+    return polish_job(evaluators, job)
+
+
+def polish_job(evaluators: dict, job: Job) -> tuple[FitnessResult, Candidate | None]:
+    """Polish the job's candidate on its split; a Python error becomes a failed result."""
+    from eep.config import PolishSettings
+    from eep.polish import polish_on_split
+
+    evaluator = evaluators.get(job.split)
+    if evaluator is None:
+        evaluator = evaluators[job.split] = next(iter(evaluators.values())).for_split(job.split)
+    try:
+        outcome = polish_on_split(evaluator, job.candidate, PolishSettings(**job.polish))
+    except Exception as exc:  # noqa: BLE001  (as in run_job: the campaign keeps the unpolished one)
+        log.warning("polishing failed: %s", exc)
+        log.debug("%s", traceback.format_exc())
+        return FitnessResult.failure(f"{type(exc).__name__}: {exc}", split=job.split), None
+    result = FitnessResult(
+        score=-outcome.kl_after, metric="neg_kl", count=len(evaluator.examples), seconds=outcome.seconds,
+        split=job.split, fitness="kl", total=len(evaluator.examples),
+        metrics={"neg_kl": -outcome.kl_after, "neg_kl_before": -outcome.kl_before, "steps": float(outcome.steps)},
+    )
+    return result, outcome.candidate
 
 
 def run_job(evaluators: dict, job: Job) -> FitnessResult:

@@ -41,7 +41,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from eep.candidate import Candidate
 from eep.config import CampaignConfig
 from eep.distributed import ray_runtime
-from eep.distributed.pool import Job, PoolError, WorkerSpec, build_evaluators, run_job
+from eep.distributed.pool import Job, PoolError, WorkerSpec, build_evaluators, execute, run_job
 from eep.result import FitnessResult
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,12 @@ class EvaluatorActor:
     ) -> FitnessResult:
         """Score one candidate; a Python error comes back as a failed result."""
         return run_job(self.evaluators, Job(candidate, split, reject_below))
+
+    def run(
+        self, candidate: Candidate | None, split: str, reject_below: float | None, polish: dict | None
+    ) -> tuple[FitnessResult, Candidate | None]:
+        """Score (or polish) one candidate: (result, polished candidate or None)."""
+        return execute(self.evaluators, Job(candidate, split, reject_below, polish))
 
 
 def actor_demand(num_cpus: float, num_gpus: float, memory_gb: float | None) -> dict[str, float]:
@@ -325,7 +331,7 @@ class RayPool:
             if worker.ready and worker.job is None:
                 job = self._queue.popleft()
                 worker.job = job
-                worker.ref = worker.handle.evaluate.remote(job.candidate, job.split, job.reject_below)
+                worker.ref = worker.handle.run.remote(job.candidate, job.split, job.reject_below, job.polish)
                 self._by_ref[worker.ref] = worker
 
     def _collect(self, timeout: float) -> tuple[list[Job], bool]:
@@ -366,8 +372,9 @@ class RayPool:
         job = worker.job
         assert job is not None
         worker.job, worker.ref = None, None
+        output = None
         try:
-            result = ray.get(ref)
+            result, output = ray.get(ref)
         except RayTaskError as exc:
             # The method raised outside run_job's guard (e.g. the result would not pickle).
             result = FitnessResult.failure(f"{type(exc.cause).__name__}: {exc.cause}", split=job.split)
@@ -375,7 +382,7 @@ class RayPool:
             self._lose(worker, exc)
             return self._retry(job, exc)
         worker.ready = True
-        job.result, job.worker = result, worker.name
+        job.result, job.output, job.worker = result, output, worker.name
         self._attempts.pop(id(job), None)
         return job
 

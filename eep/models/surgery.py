@@ -79,8 +79,8 @@ class Surgery:
         return len(self.layers)
 
     # ------------------------------------------------------------------------- public
-    def check(self, candidate: Candidate) -> None:
-        """Raise CandidateError when the candidate does not fit this model."""
+    def check(self, candidate: Candidate, mapped_router: bool = False) -> None:
+        """Raise CandidateError when the candidate does not fit this model (see `apply`)."""
         candidate.validate(num_layers=self.num_layers, num_experts=self.num_experts)
         for layer, keep in enumerate(candidate.keep_per_layer):
             refusal = self.routing.keep_refusal(keep)
@@ -90,24 +90,28 @@ class Surgery:
                     f"({self.routing.topk_method}): {refusal}"
                 )
         refusal = self.routing.mapping_refusal()
-        if self._uses_mapped_router(candidate) and refusal is not None:
+        if self._uses_mapped_router(candidate, mapped_router) and refusal is not None:
             raise CandidateError(
                 f"{self.family.name}: {refusal}; use router_mapping='logits' or one-hot "
                 "router rows"
             )
 
     @torch.no_grad()
-    def apply(self, candidate: Candidate, release_originals: bool = False) -> None:
+    def apply(
+        self, candidate: Candidate, release_originals: bool = False, mapped_router: bool = False
+    ) -> None:
         """Make the model compute `candidate`: merged experts, mapped router, top-k.
 
         `release_originals` drops each layer's originals once merged (export: peak memory is
         then the model plus one layer's merged experts, and the model cannot be restored).
+        `mapped_router` installs `ProbabilityMappedRouter`s in `probs` mode even for one-hot R
+        (the same function up to rounding): polishing needs an R in the model to tune.
         """
         if not self._originals:
             raise RuntimeError("this Surgery released its originals; load the model again")
-        self.check(candidate)
+        self.check(candidate, mapped_router)
         top_k = candidate.top_k or self.top_k
-        mapped = self._uses_mapped_router(candidate)
+        mapped = self._uses_mapped_router(candidate, mapped_router)
         for i, (layer, orig) in enumerate(zip(self.layers, self._originals, strict=True)):
             merge, router_map = candidate.expert_merge[i], candidate.router_map[i]
             keep = merge.shape[0]
@@ -172,7 +176,9 @@ class Surgery:
         self.candidate = None
 
     # ------------------------------------------------------------------------- internals
-    def _uses_mapped_router(self, candidate: Candidate) -> bool:
+    def _uses_mapped_router(self, candidate: Candidate, forced: bool = False) -> bool:
+        if forced and candidate.router_mapping == "probs":
+            return True
         return not candidate.router_has_stock_equivalent()
 
     def _take_originals(self, layer: MoELayer) -> _Originals:

@@ -20,7 +20,7 @@ from eep.search.base import BaseStrategy
 from eep.search.settings import SearchSettings
 
 # Summary keys that the end of a campaign writes itself; a strategy's methods cannot use them.
-RESERVED_METHOD_KEYS = frozenset({"full", "random"})
+RESERVED_METHOD_KEYS = frozenset({"full", "random", "polish"})
 
 Ranked = list[tuple[Candidate, float]]
 Factory = Callable[[Any, int, int, int, str, Sequence[Candidate]], BaseStrategy]
