@@ -64,12 +64,12 @@ def campaign_dict(
 ) -> dict:
     """The campaign config of one cell of the table."""
     base = POLISHED.get(strategy, strategy)
-    if base in (BUDGET, SEEDED) and strategy in POLISHED:
-        budget -= polish_evals  # equal wall time: the polishing's cost comes off the search
+    # Equal wall time: the polishing's cost comes off the search's merging phase.
+    shorter = polish_evals if strategy in POLISHED else 0
     if base in ("eep", SEEDED, BUDGET):
         # The authors' schedule scaled to the budget: 31 inits, pruning phase to a quarter
         # (their 100 of 400), merging to the end (their total_iter 400 runs 401 evaluations).
-        settings = {"kind": "eep", "total_iter": budget - 1, "discrete_iter": max(31, budget // 4)}
+        settings = {"kind": "eep", "total_iter": budget - 1 - shorter, "discrete_iter": max(31, budget // 4)}
     elif strategy == "random":
         settings = {"kind": "random", "budget": budget}
     else:
