@@ -199,3 +199,14 @@ def test_campaign_config_flows_the_budget_into_the_strategy():
         config_from_dict({**base, "keep": 2, "keep_min": 1, "strategy": {"kind": "eep", "keep_min": 2}})
     with pytest.raises(ConfigError, match="give keep"):
         config_from_dict(base)
+
+
+def test_validate_names_the_file_and_fields_of_a_budget_the_model_cannot_meet(capsys):
+    from eep.cli import main
+
+    argv = ["validate", "configs/tiny.yaml", "--set", "keep=null", "--set", "keep_total=70", "--set", "keep_max=4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "configs/tiny.yaml: keep_total=70, keep_max=4: a total of 70 kept experts cannot be split" in err
+    assert main(["validate", "configs/tiny.yaml", "--set", "keep_min=1", "--set", "keep_max=4"]) == 0
+    assert "a global expert budget" in capsys.readouterr().out

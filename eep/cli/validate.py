@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from eep.config import CampaignConfig, load_config
+from eep.search.budget import BudgetError
 
 NAME = "validate"
 HELP = "check a campaign YAML (and --set overrides) without running it"
@@ -60,7 +61,10 @@ def check_campaign(config: CampaignConfig) -> None:
 def run(args: argparse.Namespace) -> int:
     """Validate and say so."""
     config = load_config(args.config, args.overrides)
-    check_campaign(config)
+    try:
+        check_campaign(config)
+    except BudgetError as exc:
+        raise ValueError(f"{args.config}: {exc}") from None
     if args.print:
         print(config.to_yaml(), end="")
     kept = f"keep {config.keep}" if not config.strategy.global_budget else "a global expert budget"

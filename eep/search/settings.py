@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from eep.search.budget import KeepBudget
+from eep.search.budget import BudgetError, KeepBudget
 from eep.search.groups import GroupError, LayerGroups
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -96,7 +96,12 @@ class SearchSettings(BaseModel):
             assert self.keep is not None
             return KeepBudget.uniform(self.keep, num_layers, num_experts)
         total = self.keep_total if self.keep_total is not None else self.keep * num_layers
-        return KeepBudget(total, self.keep_min or 1, self.keep_max or num_experts, num_layers, num_experts)
+        given = ", ".join(f"{name}={getattr(self, name)}" for name in ("keep", "keep_total", "keep_min", "keep_max")
+                          if getattr(self, name) is not None)
+        try:
+            return KeepBudget(total, self.keep_min or 1, self.keep_max or num_experts, num_layers, num_experts)
+        except BudgetError as exc:
+            raise BudgetError(f"{given}: {exc}") from None
 
 
 class EEPSettings(SearchSettings):
