@@ -121,12 +121,10 @@ def random_baselines(
             for i in range(count)
         ]
     rng = np.random.default_rng(seed + _BASELINE_SEED_OFFSET)
-    out = []
-    for i in range(count):
-        kept = [sorted(int(e) for e in rng.choice(budget.num_experts, size=k, replace=False))
-                for k in budget.random_allocation(rng)]
-        out.append(Candidate.from_kept(kept, budget.num_experts, id=f"random-baseline-{i:02d}", **meta))
-    return out
+    return [
+        Candidate.from_kept(budget.random_kept(rng), budget.num_experts, id=f"random-baseline-{i:02d}", **meta)
+        for i in range(count)
+    ]
 
 
 def run_finale(

@@ -147,9 +147,7 @@ def _budget_prune(
     """
     extra = {"method": method, "budget": [budget.total, budget.low, budget.high], **described}
     if method == "random":
-        rng = np.random.default_rng(seed)
-        kept = [sorted(int(e) for e in rng.choice(budget.num_experts, size=k, replace=False))
-                for k in budget.random_allocation(rng)]
+        kept = budget.random_kept(np.random.default_rng(seed))
         return Candidate.from_kept(kept, budget.num_experts, model_id=model_id, phase="oneshot",
                                    extra=extra | {"seed": seed}), None, None
     scores = criteria_scores(net, data)

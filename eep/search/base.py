@@ -270,8 +270,7 @@ class BaseStrategy:
         """One group matrix per group: random subsets, of a random allocation under a global budget."""
         if self.budget.is_uniform:
             return [self._one_hot(self._random_subset()) for _ in range(self.groups.num_groups)]
-        keeps = self.budget.random_allocation(self._rng)
-        return [self._one_hot(self._random_subset(k)) for k in keeps]
+        return [self._one_hot(kept) for kept in self.budget.random_kept(self._rng)]
 
     def _one_hot(self, experts: Sequence[int]) -> torch.Tensor:
         """Pure-pruning rows: [len(experts), num_experts] identity rows."""

@@ -93,6 +93,13 @@ class KeepBudget:
             keeps[int(open_layers[rng.integers(len(open_layers))])] += 1
         return keeps
 
+    def random_kept(self, rng: np.random.Generator) -> list[list[int]]:
+        """A random pure pruning on the budget: a random allocation, then random sorted subsets."""
+        return [
+            sorted(int(e) for e in rng.choice(self.num_experts, size=k, replace=False))
+            for k in self.random_allocation(rng)
+        ]
+
     def allocate_by_scores(self, scores: torch.Tensor) -> list[list[int]]:
         """Kept experts per layer from per-expert scores [layers, E], ranked across layers.
 
