@@ -51,6 +51,9 @@ SEARCH_COLUMNS = [
     (BUDGET, "eep", "EEP budget"),
     (f"{SEEDED}_polish", "chosen", "EEP seeded + polish"),
     (f"{BUDGET}_polish", "chosen", "EEP budget + polish"),
+    # The polished candidate whether or not it beat the winner on dev (the rule's cost).
+    (f"{SEEDED}_polish", "polish", "EEP seeded, polished"),
+    (f"{BUDGET}_polish", "polish", "EEP budget, polished"),
 ]
 
 # `--search-metric dense`: what searches and dev re-ranking maximise, per task kind.
