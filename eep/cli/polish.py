@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="candidate .safetensors file to write")
     parser.add_argument(
-        "--split", default="search", choices=("search", "test"),
-        help="task split to polish on (default search; dev is the judge)",
+        "--split", default="search", choices=("search",),
+        help="task split to polish on: search (dev is the judge; test stays unseen)",
     )
     parser.add_argument("--samples", type=int, help="calibration texts to use")
     defaults = PolishSettings()
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_task(args: argparse.Namespace, candidate: Candidate, settings: PolishSettings) -> int:
-    """Polish on the task's split; keep the result only if the dev score does not drop."""
+    """Polish on the task's split; keep the result only if it beats the original on dev."""
     search = Evaluator(
         args.model, args.task, split=args.split, device=args.device, dtype=args.dtype,
         fitness="kl", kl_top=settings.kl_top,
