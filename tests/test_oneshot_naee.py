@@ -183,6 +183,20 @@ def test_beam_search_for_many_experts():
     assert wide.kept == exact.kept
 
 
+def test_one_beam_run_answers_for_every_larger_keep():
+    """kept_at: the beam's best at each level on the way down equals a run that stops there."""
+    model = tiny_model("mixtral", seed=10, num_layers=2, num_experts=12)
+    calibration = _calibration(pad=False)
+    deep = naee_prune(model, calibration, keep=7, max_subsets=10)
+    assert deep.methods == ["beam", "beam"]
+    for keep in (7, 8, 9, 10, 11):
+        alone = naee_prune(model, calibration, keep=keep, max_subsets=10)
+        assert [deep.kept_at(layer, keep) for layer in range(2)] == alone.kept
+    assert deep.kept_at(0, 6) is None  # below the run's keep: never scored
+    exact = naee_prune(model, calibration, keep=8)  # an enumeration scores its own keep only
+    assert exact.kept_at(0, 8) == exact.kept[0] and exact.kept_at(0, 9) is None
+
+
 def test_candidate_and_unsupported_router():
     model = tiny_model("mixtral", num_layers=2)
     result = naee_prune(model, _calibration(), keep=4)

@@ -159,9 +159,17 @@ def _budget_prune(
         kept = budget.allocate_by_scores(scores.scores("reap"))
         top_k = int(moe_layers(net)[0].gate.top_k)
         extra["allocation"] = "reap"
-        for count in sorted({len(k) for k in kept if len(k) >= top_k}):
+        todo = {layer for layer, k in enumerate(kept) if len(k) >= top_k}
+        # Smallest count first: a beam search answers for every larger count on its way down.
+        for count in sorted({len(kept[layer]) for layer in todo}):
+            if not any(len(kept[layer]) == count for layer in todo):
+                continue
             naee = naee_prune(net, data, count, order=order, max_subsets=max_subsets, beam_width=beam_width)
-            kept = [naee.kept[layer] if len(k) == count else k for layer, k in enumerate(kept)]
+            for layer in sorted(todo):
+                found = naee.kept_at(layer, len(kept[layer]))
+                if found is not None:
+                    kept[layer] = found
+                    todo.discard(layer)
         extra["calibration_tokens"] = data.tokens if data is not None else 0
     budget.check([len(k) for k in kept], f"{method} under a global budget")
     return Candidate.from_kept(kept, budget.num_experts, model_id=model_id, phase="oneshot", extra=extra), naee, scores

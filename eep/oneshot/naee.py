@@ -282,6 +282,22 @@ class NAEEResult:
             },
         )
 
+    def kept_at(self, layer: int, keep: int) -> list[int] | None:
+        """The best kept set of `keep` experts this run scored in `layer` (None: none of that size).
+
+        A beam search scores every size from E - 1 down to its keep on the way, so one run at the
+        smallest keep answers for the larger ones too; an enumeration scores its own keep only.
+        Ties: the first scored (the lexicographic rule of the search itself).
+        """
+        size = self.num_experts - keep
+        best: tuple[float, tuple[int, ...]] | None = None
+        for dropped, loss in self.losses[layer].items():
+            if len(dropped) == size and (best is None or loss < best[0]):
+                best = (loss, dropped)
+        if best is None:
+            return None
+        return [e for e in range(self.num_experts) if e not in best[1]]
+
     def _dropped(self, layer: int) -> tuple[int, ...]:
         return tuple(e for e in range(self.num_experts) if e not in self.kept[layer])
 
