@@ -391,9 +391,12 @@ class Campaign:
                    kl_before=done.get("kl_before"), kl_after=done.get("kl_after"), steps=done.get("steps"))
         from eep.polish import keep_polished  # noqa: PLC0415  (torch only when polishing)
 
-        beats = keep_polished(chosen_row.get("dev", float("-inf")), dev)
-        if not beats:
-            row["note"] = "not kept: no better than the unpolished candidate on dev"
+        lowered = polished.content_hash() != chosen.content_hash() and done["kl_after"] < done["kl_before"]
+        beats = keep_polished(chosen_row.get("dev", float("-inf")), dev, lowered)
+        if not lowered:
+            row["note"] = "not kept: polishing did not lower the KL"
+        elif not beats:
+            row["note"] = "not kept: below the unpolished candidate on dev"
         return (polished if beats else None), row
 
     def run(self) -> CampaignResult:

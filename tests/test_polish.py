@@ -236,13 +236,16 @@ def small_add(tmp_path_factory) -> str:
 
 
 def test_keep_rule():
-    assert keep_polished(0.5, 0.75)
-    assert not keep_polished(0.5, 0.5) and not keep_polished(0.5, 0.4375)
+    """(dev score, then KL): a better dev score wins; equal ones go to the lower KL."""
+    assert keep_polished(0.5, 0.75, kl_lowered=True) and keep_polished(0.5, 0.75, kl_lowered=False)
+    assert keep_polished(0.5, 0.5, kl_lowered=True)
+    assert not keep_polished(0.5, 0.5, kl_lowered=False)
+    assert not keep_polished(0.5, 0.4375, kl_lowered=True)
 
 
 @pytest.mark.parametrize("dev_says", [True, False])
 def test_cli_writes_what_the_dev_rule_chooses(tmp_path, small_add, capsys, monkeypatch, dev_says):
-    monkeypatch.setattr("eep.cli.polish.keep_polished", lambda before, after: dev_says)
+    monkeypatch.setattr("eep.cli.polish.keep_polished", lambda before, after, lowered: dev_says)
     source = pruned(id="orig").save(tmp_path / "c.safetensors")
     out = tmp_path / "p.safetensors"
     argv = ["polish", "--model", "builtin:tiny-moe", "--candidate", str(source), "--task", small_add,
@@ -257,7 +260,7 @@ def test_cli_writes_what_the_dev_rule_chooses(tmp_path, small_add, capsys, monke
         assert written.phase == "polish" and written.parents == ("orig",)
         assert "polish" in written.extra
     else:
-        assert "no better than the original, wrote the original candidate unchanged" in printed
+        assert "below the original, wrote the original candidate unchanged" in printed
         assert written.content_hash() == pruned().content_hash() and written.id == "orig"
 
 

@@ -129,11 +129,11 @@ def _run_task(args: argparse.Namespace, candidate: Candidate, settings: PolishSe
     else:
         dev_after = dev.evaluate(outcome.candidate)
         line += f" -> {dev_after.score:.4f}"
-        if keep_polished(dev_before.score, dev_after.score):
+        if keep_polished(dev_before.score, dev_after.score, outcome.improved):
             chosen = outcome.candidate
             print(f"{line}: kept the polished candidate")
         else:
-            print(f"{line}: no better than the original, wrote the original candidate unchanged")
+            print(f"{line}: below the original, wrote the original candidate unchanged")
     path = chosen.save(args.out)
     print(f"wrote {path}")
     return 0
