@@ -65,9 +65,14 @@ class _Progress:
     examples: int = 0  # search-split examples scored (early rejection scores fewer)
     rejected: int = 0
     started: float = field(default_factory=time.time)
+    running: bool = True  # False once the search loop has exited: the clock stops
 
     def seconds(self) -> float:
-        return self.elapsed + time.time() - self.started
+        return self.elapsed + time.time() - self.started if self.running else self.elapsed
+
+    def stop(self) -> None:
+        """Stop the search clock (the end phase and polishing are not search time)."""
+        self.elapsed, self.running = self.seconds(), False
 
 
 class Campaign:
@@ -225,7 +230,7 @@ class Campaign:
 
     def search(self) -> None:
         """Run the search loop until the strategy or the budget ends it."""
-        self.progress.started = time.time()
+        self.progress.started, self.progress.running = time.time(), True
         pool = self.pool
         for candidate in self.strategy.pending():  # in flight when the last run stopped
             pool.submit(self._job(candidate))
@@ -248,6 +253,7 @@ class Campaign:
         finally:
             if bar is not None:
                 bar.close()
+            self.progress.stop()
             self._checkpoint()
 
     def _record_search(self, job: Job) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -84,10 +85,16 @@ def test_a_failed_polish_keeps_the_winner_and_says_why(tmp_path, monkeypatch):
     from eep.result import FitnessResult
 
     model = save_tiny_model(tmp_path / "model", "mixtral", num_layers=2)
-    monkeypatch.setattr(
-        "eep.distributed.pool.polish_job",
-        lambda evaluators, job: (FitnessResult.failure("RuntimeError: out of memory", split="search"), None),
-    )
+
+    def slow_failure(evaluators, job):
+        time.sleep(1.0)
+        return FitnessResult.failure("RuntimeError: out of memory", split="search"), None
+
+    monkeypatch.setattr("eep.distributed.pool.polish_job", slow_failure)
     result = run_campaign(_config(model, tmp_path / "run", polish=True), quiet=True)
     assert result.summary["chosen"] == "eep"
     assert result.summary["methods"]["polish"]["note"] == "polishing failed: RuntimeError: out of memory"
+    # The search clock stops with the search: neither the end phase nor polishing counts.
+    records = [json.loads(line) for line in (result.run_dir / "evaluations.jsonl").read_text().splitlines()]
+    last = max(r["elapsed"] for r in records if r["split"] == "search")
+    assert last <= result.summary["search_seconds"] < last + 0.5
