@@ -365,6 +365,8 @@ class Campaign:
     def _polish(self, chosen: Candidate, chosen_row: dict, scorer: SplitScorer) -> tuple[Candidate | None, dict]:
         """Polish the dev winner on the search split (eep.polish); (the polished one if it beats
         the winner on dev, else None; its summary row). A finished polish is read back on resume."""
+        from eep.polish import keep_polished  # noqa: PLC0415  (torch only when polishing)
+
         settings = self.config.polish
         assert settings is not None
         label = f"{chosen_row.get('label', 'chosen')} + polish"
@@ -395,8 +397,6 @@ class Campaign:
         test = scorer.score([(polished.id, polished)], "test")[polished.id]
         row.update(id=polished.id, dev=dev, test=test, seconds=done.get("seconds", 0.0),
                    kl_before=done.get("kl_before"), kl_after=done.get("kl_after"), steps=done.get("steps"))
-        from eep.polish import keep_polished  # noqa: PLC0415  (torch only when polishing)
-
         lowered = polished.content_hash() != chosen.content_hash() and done["kl_after"] < done["kl_before"]
         beats = keep_polished(chosen_row.get("dev", float("-inf")), dev, lowered)
         if not lowered:

@@ -188,9 +188,7 @@ def polish_job(evaluators: dict, job: Job) -> tuple[FitnessResult, Candidate | N
     from eep.config import PolishSettings
     from eep.polish import polish_on_split
 
-    evaluator = evaluators.get(job.split)
-    if evaluator is None:
-        evaluator = evaluators[job.split] = next(iter(evaluators.values())).for_split(job.split)
+    evaluator = _evaluator(evaluators, job.split)
     try:
         outcome = polish_on_split(evaluator, job.candidate, PolishSettings(**job.polish))
     except Exception as exc:  # noqa: BLE001  (as in run_job: the campaign keeps the unpolished one)
@@ -207,9 +205,7 @@ def polish_job(evaluators: dict, job: Job) -> tuple[FitnessResult, Candidate | N
 
 def run_job(evaluators: dict, job: Job) -> FitnessResult:
     """Score one job; a Python error becomes a failed result carrying its message."""
-    evaluator = evaluators.get(job.split)
-    if evaluator is None:
-        evaluator = evaluators[job.split] = next(iter(evaluators.values())).for_split(job.split)
+    evaluator = _evaluator(evaluators, job.split)
     try:
         if job.reject_below is None:  # evaluators without early rejection keep working
             return evaluator.evaluate(job.candidate)
@@ -218,3 +214,11 @@ def run_job(evaluators: dict, job: Job) -> FitnessResult:
         log.warning("evaluation failed: %s", exc)
         log.debug("%s", traceback.format_exc())
         return FitnessResult.failure(f"{type(exc).__name__}: {exc}", split=job.split)
+
+
+def _evaluator(evaluators: dict, split: str):
+    """The worker's evaluator of `split`, made (on the same model replica) the first time it is asked."""
+    evaluator = evaluators.get(split)
+    if evaluator is None:
+        evaluator = evaluators[split] = next(iter(evaluators.values())).for_split(split)
+    return evaluator
