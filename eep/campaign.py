@@ -30,7 +30,7 @@ from eep.distributed.pool import EvaluatorPool, InProcessPool, Job, WorkerSpec
 from eep.finale import SplitScorer, random_baselines, run_finale
 from eep.forced import FORCED_METRICS
 from eep.metrics import CampaignMetrics
-from eep.models.families import model_shape
+from eep.models.families import detect_family, model_shape
 from eep.models.loading import load_config as load_model_config
 from eep.oneshot import seed_candidates
 from eep.records import evaluation_record, result_from_record
@@ -119,9 +119,13 @@ class Campaign:
 
     def _start(self, pool: EvaluatorPool | None) -> None:
         """Model shape, strategy (with its seeds) and replay of the run directory."""
-        self.shape = model_shape(load_model_config(self.config.model, self.config.trust_remote_code))
+        model_config = load_model_config(self.config.model, self.config.trust_remote_code)
+        self.shape = model_shape(model_config)
         self.entry = registry.entry_for(self.config.strategy)
         self.budget = self.config.strategy.keep_budget(self.shape.num_moe_layers, self.shape.num_experts)
+        refusal = self.budget.routing_refusal(detect_family(model_config).routing(model_config))
+        if refusal is not None:
+            raise ConfigError(f"{self.config.model}: {refusal}")
         self.strategy: BaseStrategy = build_strategy(
             self.config.strategy,
             self.shape.num_moe_layers,

@@ -210,3 +210,22 @@ def test_validate_names_the_file_and_fields_of_a_budget_the_model_cannot_meet(ca
     assert "configs/tiny.yaml: keep_total=70, keep_max=4: a total of 70 kept experts cannot be split" in err
     assert main(["validate", "configs/tiny.yaml", "--set", "keep_min=1", "--set", "keep_max=4"]) == 0
     assert "a global expert budget" in capsys.readouterr().out
+
+
+def test_a_global_budget_is_refused_on_grouped_routing(tmp_path):
+    """DeepSeek's grouped top-k needs counts in multiples of n_group: refused before any evaluation."""
+    from eep.campaign import Campaign
+    from eep.models.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", "deepseek_v3")
+    config = config_from_dict({
+        "model": model, "task": "add", "keep": 16, "keep_min": 8, "keep_max": 24,
+        "strategy": {"kind": "eep"}, "output": {"run_dir": str(tmp_path / "run")},
+    })
+    with pytest.raises(ConfigError, match="grouped routing \\(noaux_tc, n_group=8\\) needs every layer"):
+        Campaign(config, quiet=True)
+    assert not (tmp_path / "run").exists()
+    from eep.cli.validate import check_campaign
+
+    with pytest.raises(ValueError, match="needs every layer's count to be a multiple of n_group"):
+        check_campaign(config)

@@ -22,12 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_campaign(config: CampaignConfig) -> None:
     """What `eep search` checks before its first evaluation, short of loading weights."""
     from eep.candidate import Candidate
-    from eep.models.families import model_shape
+    from eep.models.families import detect_family, model_shape
     from eep.models.loading import load_config as load_model_config
     from eep.oneshot import METHODS
     from eep.search import build_strategy
 
-    shape = model_shape(load_model_config(config.model, config.trust_remote_code))
+    model_config = load_model_config(config.model, config.trust_remote_code)
+    shape = model_shape(model_config)
     seeds = []
     for entry in config.init_from:
         if entry in METHODS:
@@ -52,7 +53,10 @@ def check_campaign(config: CampaignConfig) -> None:
     )
     top_k = config.top_k or shape.top_k
     if config.strategy.global_budget:
-        config.strategy.keep_budget(shape.num_moe_layers, shape.num_experts)  # fits this model?
+        budget = config.strategy.keep_budget(shape.num_moe_layers, shape.num_experts)  # fits this model?
+        refusal = budget.routing_refusal(detect_family(model_config).routing(model_config))
+        if refusal is not None:
+            raise ValueError(f"{config.model}: {refusal}")
     elif config.keep < top_k:
         raise ValueError(f"keep={config.keep} is smaller than top_k={top_k}: a token cannot use more "
                          "experts than a layer keeps")

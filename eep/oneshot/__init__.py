@@ -93,6 +93,9 @@ def oneshot_prune(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, trust_remote_code=trust_remote_code)
     net = loaded.model
     family = detect_family(net.config)
+    refusal = budget.routing_refusal(family.routing(net.config)) if budget is not None else None
+    if refusal is not None:
+        raise ValueError(f"{loaded.spec}: {refusal}")
     num_layers = len(moe_layers(net))
     num_experts = get_num_experts(net.config, family)
     data = build_calibration(calibration, net, loaded.tokenizer) if calibration is not None else None

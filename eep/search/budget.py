@@ -66,6 +66,20 @@ class KeepBudget:
             return f"keep {self.low}"
         return f"{self.total} experts over {self.num_layers} layers ({self.low}..{self.high} each)"
 
+    def routing_refusal(self, routing) -> str | None:
+        """Why this budget cannot be searched on a model routed by `routing` (None: it can).
+
+        Grouped routing (DeepSeek) needs every layer's count to split into its expert groups;
+        the operators here move single slots, so a global budget is refused there.
+        """
+        if self.is_uniform or not routing.grouped:
+            return None
+        return (
+            f"a global budget (keep_min/keep_max/keep_total) moves single experts between layers, "
+            f"but this model's grouped routing ({routing.topk_method}, n_group={routing.n_group}) "
+            "needs every layer's count to be a multiple of n_group; use a uniform keep"
+        )
+
     def check(self, keeps: Sequence[int], what: str = "candidate") -> None:
         """Raise BudgetError when an allocation breaks the budget (sum or bounds)."""
         keeps = list(keeps)
