@@ -527,14 +527,7 @@ class Evaluator:
             if with_options
             else [it.prompt_ids for it in items]
         )
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, ids in enumerate(rows):
-            input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[r, width - len(ids) :] = 1
-        # Positions count real tokens only, so a left-padded row sees the positions it would alone.
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        input_ids, attention_mask, position_ids = left_padded(rows, self.pad_id)
         option_lengths = None
         if with_options:
             option_lengths = torch.tensor(
@@ -557,6 +550,21 @@ class Evaluator:
         log.warning("batch size halved to %d after out-of-memory", self.batch_size)
         rest = [item for batch in self._batches[j:] for item in batch.items]
         self._batches = self._batches[:j] + self._plan(rest, self.batch_size)
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows as left-padded (input_ids, attention_mask, position_ids), on the CPU.
+
+    Positions count real tokens only, so a left-padded row sees the positions it would alone.
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, width - len(ids) :] = 1
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:

@@ -61,16 +61,26 @@ def kl_per_row(
     """Mean KL(full || candidate) over each row's positions (coarsened, see the module docstring)."""
     out = []
     for row, ref in enumerate(refs):
-        logq = torch.log_softmax(_predicting(logits[row], attention_mask[row]).float(), dim=-1)
-        q_top = logq.gather(-1, ref.top_index.to(logq.device))
-        q_rest = _log_rest(logq, ref.top_index.to(logq.device))
-        p_log, p_rest_log = ref.top_logprobs.to(logq.device), ref.rest_logprob.to(logq.device)
-        terms = (p_log.exp() * (p_log - q_top)).sum(dim=-1)
-        p_rest = p_rest_log.exp()
-        # 0 * log(0 / q) = 0: a rest bucket with no mass contributes nothing.
-        terms = terms + torch.where(p_rest > 0, p_rest * (p_rest_log - q_rest), 0.0)
+        terms = position_kl(logits[row], attention_mask[row], ref)
         out.append(float(terms.double().mean()) if terms.numel() else 0.0)
     return out
+
+
+def position_kl(logits: torch.Tensor, attention_mask: torch.Tensor, ref: Reference) -> torch.Tensor:
+    """KL(full || candidate) at each predicting position [n-1] of one row; differentiable."""
+    logq = torch.log_softmax(_predicting(logits, attention_mask).float(), dim=-1)
+    index = ref.top_index.to(logq.device)
+    p_log = ref.top_logprobs.to(logq.device)
+    terms = (p_log.exp() * (p_log - logq.gather(-1, index))).sum(dim=-1)
+    if index.shape[-1] < logq.shape[-1]:
+        # Only with tokens outside the top: else the rest's log-mass is -inf on both sides, the
+        # term 0 and its gradient NaN.
+        p_rest_log = ref.rest_logprob.to(logq.device)
+        p_rest = p_rest_log.exp()
+        # 0 * log(0 / q) = 0: a rest bucket with no mass contributes nothing.
+        rest = p_rest * (p_rest_log - _log_rest(logq, index))
+        terms = terms + torch.where(p_rest > 0, rest, 0.0)
+    return terms
 
 
 def _log_rest(logprobs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,8 @@ from torch.func import functional_call
 
 from eep.candidate import Candidate
 from eep.config import PolishSettings
-from eep.fitness import Evaluator, surgery_for
-from eep.forced import Reference, _log_rest, _predicting, kl_per_row
+from eep.fitness import Evaluator, left_padded, surgery_for
+from eep.forced import Reference, kl_per_row, position_kl
 from eep.models.loading import LoadedModel
 from eep.models.skipping import set_skipping, skip_thresholds_of
 from eep.models.surgery import Surgery
@@ -217,15 +217,8 @@ class CalibrationRows(KLRows):
         return sum(values) / len(values)
 
     def _inputs(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        rows = [self.rows[i] for i in indices]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, ids in enumerate(rows):
-            input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[r, width - len(ids) :] = 1
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        return _inputs(*(t.to(self.device) for t in (input_ids, attention_mask, position_ids)))
+        padded = left_padded([self.rows[i] for i in indices], self.pad_id)
+        return _inputs(*(t.to(self.device) for t in padded))
 
     @torch.no_grad()
     def _references(self) -> list[Reference]:
@@ -395,21 +388,9 @@ def kl_loss(
     """Differentiable mean over rows of `eep.forced.kl_per_row` (the same coarsened KL)."""
     terms = []
     for row, ref in enumerate(refs):
-        logq = torch.log_softmax(_predicting(logits[row], attention_mask[row]).float(), dim=-1)
-        if logq.shape[0] == 0:
-            terms.append(logq.sum())  # a row with nothing to predict counts 0, as in kl_per_row
-            continue
-        index = ref.top_index.to(logq.device)
-        p_log = ref.top_logprobs.to(logq.device)
-        kl = (p_log.exp() * (p_log - logq.gather(-1, index))).sum(dim=-1)
-        if index.shape[-1] < logq.shape[-1]:
-            # Only with tokens outside the top: else the rest's log-mass is -inf for both sides
-            # and its gradient NaN (the term itself is 0).
-            p_rest_log = ref.rest_logprob.to(logq.device)
-            p_rest = p_rest_log.exp()
-            rest = p_rest * (p_rest_log - _log_rest(logq, index))
-            kl = kl + torch.where(p_rest > 0, rest, 0.0)
-        terms.append(kl.mean())
+        kl = position_kl(logits[row], attention_mask[row], ref)
+        # A row with nothing to predict counts 0, as in kl_per_row.
+        terms.append(kl.mean() if kl.numel() else kl.sum())
     return torch.stack(terms).mean()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures.runs.synthetic import SyntheticRun
-from test_dashboard import get_json
+from test_dashboard import get_json, serve  # noqa: F401  (serve is a fixture)
 from test_dashboard_browser import browser, page  # noqa: F401  (fixtures)
 
 from eep.candidate import Candidate
@@ -54,21 +54,6 @@ def test_best_of_a_per_layer_budget_has_each_layers_own_rows(run, serve):
     assert not best["pure_pruning"]
     served = get_json(serve(run.path), "/api/runs/budget/best")  # what the page reads
     assert served["keep"] == KEEPS and served["layers"] == best["layers"]
-
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def _serve(*run_dirs):
-        server, url = start_dashboard(list(run_dirs), port=0)
-        servers.append(server)
-        return url
-
-    yield _serve
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.slow
